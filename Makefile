@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv if missing
+# and install the project into it (once; re-installed when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install train test test-fast lint format clean
+
+help:
+	@echo "make train ARGS='norm=none trainer.max_epochs=3'   train (sets up .venv first)"
+	@echo "make test                                        run the whole test suite"
+	@echo "make test-fast                                   skip tests marked slow"
+	@echo "make lint / make format                          ruff"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf logs/*/ .pytest_cache .ruff_cache

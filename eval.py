@@ -1,0 +1,29 @@
+"""Test a checkpoint in eval mode: `python eval.py ckpt_path=PATH [overrides]`.
+
+The model and data (including the training split's scaling statistics) are rebuilt from the
+checkpoint itself; trainer, logger and `data.data_dir` / `data.batch_size` can be overridden.
+"""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("NORMLAB_ROOT", str(Path(__file__).resolve().parent))
+
+from normlab.config import register_resolvers  # noqa: E402
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    from normlab.cli import run_task
+
+    metrics = run_task("eval", cfg)
+    return (metrics or {}).get("test/acc")
+
+
+if __name__ == "__main__":
+    main()

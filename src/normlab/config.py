@@ -1,0 +1,169 @@
+"""Config plumbing shared by the entry points: resolvers and validation before heavy imports.
+
+Everything here imports neither torch nor Lightning, so `--help` and config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from normlab.errors import ConfigError
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "cosine", "step")
+SCALINGS = ("dataset", "imagenet", "none", "custom")
+# input channels of each data source (imagefolder images are decoded as RGB)
+SOURCE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3, "imagefolder": 3}
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers the configs use (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("normlab_pid"):
+        OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
+
+
+def _number(
+    cfg: Mapping[str, Any],
+    key: str,
+    prefix: str,
+    *,
+    kind: type = float,
+    low=None,
+    high=None,
+    low_open: bool = False,
+    optional: bool = False,
+) -> None:
+    value = cfg.get(key)
+    name = f"{prefix}.{key}"
+    if value is None and optional:
+        return
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(name, value, f"expected {'an integer' if kind is int else 'a number'}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        raise ConfigError(name, value, f"must be {bound}")
+    if high is not None and value > high:
+        raise ConfigError(name, value, f"must be at most {high}")
+
+
+def _choice(value: Any, key: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"choose one of {', '.join(choices)}")
+
+
+def data_channels(data: Mapping[str, Any]) -> int | None:
+    """Number of input channels the configured data source yields (None if unknown)."""
+    if data.get("name") == "synthetic":
+        shape = (data.get("synthetic") or {}).get("shape") or [3]
+        return int(shape[0])
+    return SOURCE_CHANNELS.get(data.get("name"))
+
+
+def validate_data(data: Mapping[str, Any]) -> None:
+    _number(data, "batch_size", "data", kind=int, low=1)
+    _number(data, "eval_batch_size", "data", kind=int, low=1)
+    _number(data, "num_workers", "data", kind=int, low=0)
+    _number(data, "val_fraction", "data", low=0, high=0.9, low_open=True)
+    _number(data, "test_fraction", "data", low=0, high=0.9)
+    _choice(data.get("scaling"), "data.scaling", SCALINGS)
+    channels = data_channels(data)
+    if data.get("scaling") == "imagenet" and channels not in (None, 3):
+        raise ConfigError(
+            "data.scaling",
+            "imagenet",
+            f"ImageNet constants need RGB data but data={data.get('name')} has {channels} channel(s);"
+            " use data.scaling=dataset",
+        )
+    if data.get("scaling") == "custom":
+        for key in ("mean", "std"):
+            values = data.get(key)
+            if not isinstance(values, Sequence) or isinstance(values, str):
+                raise ConfigError(
+                    f"data.{key}",
+                    values,
+                    f"data.scaling=custom needs data.{key} as a list with one number per channel,"
+                    f" e.g. data.{key}=[{', '.join(['0.5'] * (channels or 1))}]",
+                )
+            if channels is not None and len(values) != channels:
+                raise ConfigError(
+                    f"data.{key}",
+                    list(values),
+                    f"data={data.get('name')} has {channels} channel(s), so give {channels} value(s)",
+                )
+            if key == "std" and any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+                raise ConfigError("data.std", list(values), "every std must be a positive number")
+
+
+def validate_model(model: Mapping[str, Any]) -> None:
+    widths = model.get("widths")
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ConfigError("model.widths", widths, "expected a list of positive integers")
+    _number(model, "blocks_per_stage", "model", kind=int, low=1)
+    _number(model, "dropout", "model", low=0, high=0.99)
+    _choice(model.get("activation"), "model.activation", ACTIVATIONS)
+    opt = model.get("optimizer") or {}
+    _choice(opt.get("name"), "model.optimizer.name", OPTIMIZERS)
+    _number(opt, "lr", "model.optimizer", low=0, low_open=True, high=10)
+    _number(opt, "weight_decay", "model.optimizer", low=0)
+    _number(opt, "norm_weight_decay", "model.optimizer", low=0)
+    _choice((model.get("scheduler") or {}).get("name", "none"), "model.scheduler.name", SCHEDULERS)
+
+
+def validate_trainer(trainer: Mapping[str, Any]) -> None:
+    _number(trainer, "max_epochs", "trainer", kind=int, low=1)
+    devices = trainer.get("devices")
+    if not (
+        devices == "auto"
+        or isinstance(devices, (list, tuple))
+        or (
+            isinstance(devices, int)
+            and not isinstance(devices, bool)
+            and devices >= -1
+            and devices != 0
+        )
+    ):
+        raise ConfigError(
+            "trainer.devices", devices, "expected a positive integer, -1, 'auto' or a list"
+        )
+
+
+def validate_ckpt_path(ckpt_path: Any, key: str = "ckpt_path") -> None:
+    if ckpt_path in (None, "last"):
+        return
+    if not isinstance(ckpt_path, str) or not Path(ckpt_path).is_file():
+        raise ConfigError(key, ckpt_path, "no such file; give the path of a .ckpt file, or `last`")
+
+
+def validate_train_config(cfg: Mapping[str, Any]) -> None:
+    """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
+    from normlab.norm import validate_norm_config
+
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError("seed", seed, "expected a non-negative integer (0 is fine)")
+    validate_data(cfg["data"])
+    validate_model(cfg["model"])
+    validate_trainer(cfg["trainer"])
+    validate_norm_config(
+        cfg["norm"], channels=list(cfg["model"]["widths"]), max_epochs=cfg["trainer"]["max_epochs"]
+    )
+    if (
+        cfg["norm"].get("name") == "batchnorm"
+        and cfg["data"]["batch_size"] == 1
+        and cfg.get("train")
+    ):
+        raise ConfigError(
+            "data.batch_size",
+            1,
+            "BatchNorm in training mode normalizes each channel with the batch's statistics, and a"
+            " batch of one sample has too few values per channel (after pooling: one); use"
+            " data.batch_size>=2, or norm=frozen/groupnorm/layernorm for single-sample batches",
+        )
+    validate_ckpt_path(cfg.get("ckpt_path"))

@@ -1,0 +1,19 @@
+"""User-facing errors: one paragraph that names the key or file, the value and the fix."""
+
+from __future__ import annotations
+
+
+class NormlabError(Exception):
+    """An error caused by the user's input; the entry points print it as one paragraph and exit 2."""
+
+
+class ConfigError(NormlabError, ValueError):
+    """A config key has a value normlab cannot use."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value = key, value
+        super().__init__(f"{key}={value!r} is not valid: {allowed}")
+
+
+class CheckpointError(NormlabError):
+    """A file given as a checkpoint is missing or is not a normlab checkpoint."""

@@ -1,0 +1,406 @@
+"""The one place that knows the list of norms: ``make_norm_factory(cfg.norm)(channels)`` builds a
+layer, so the backbone never branches on the norm type. Also ``FrozenBatchNorm2d``, bit-exact
+conversions to and from ``nn.BatchNorm2d``, norm-aware weight decay groups and precise-BN."""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from normlab.errors import NormlabError
+
+NORMS: tuple[str, ...] = ("none", "batchnorm", "frozen", "groupnorm", "layernorm")
+
+# Values used when a key is absent from the config (the same as PyTorch's defaults).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "batchnorm": {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True},
+    "frozen": {"eps": 1e-5, "freeze_affine": False},
+    "groupnorm": {"num_groups": 32, "eps": 1e-5, "affine": True},
+    "layernorm": {"eps": 1e-5, "affine": True},
+}
+
+
+class NormConfigError(NormlabError, ValueError):
+    """A bad ``norm.*`` value; the message names the key, the value given and what is allowed."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise NormConfigError(f"norm.{key}={value!r} is not allowed: {allowed}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_norm_config(
+    cfg: Mapping[str, Any], channels: Sequence[int] = (), max_epochs: int | None = None
+) -> None:
+    """Check a ``norm`` config (a mapping such as ``{"name": "groupnorm", "num_groups": 8}``)
+    before any layer is built. ``channels``: channel counts of the normalized layers (checked
+    against num_groups); ``max_epochs``: ``trainer.max_epochs`` (-1 or None: unbounded).
+    Unknown extra keys are ignored.
+
+    Raises:
+        NormConfigError: naming the key (``norm.momentum`` ...), the value and what is allowed.
+    """
+    name = cfg.get("name") if isinstance(cfg, Mapping) else None
+    _check(name in NORMS, "name", name, f"choose one of {', '.join(NORMS)} (e.g. norm=batchnorm)")
+    get = {**DEFAULTS[name], **cfg}.get
+    m = get("momentum")
+    allowed = "expected a number in [0, 1], or null for a cumulative average"
+    _check(m is None or (_is_real(m) and 0 <= m <= 1), "momentum", m, allowed)
+    eps = get("eps", 1.0)
+    _check(_is_real(eps) and math.isfinite(eps) and eps > 0, "eps", eps, "expected a number > 0")
+    for key in ("affine", "track_running_stats", "freeze_affine"):
+        _check(isinstance(get(key, True), bool), key, get(key), "expected true or false")
+    n = get("precise_bn_batches", 0)
+    _check(_is_int(n) and n >= 0, "precise_bn_batches", n, "expected an integer >= 0 (0: off)")
+    if name == "frozen" and get("init_from") is None:
+        n = get("calibration_batches", 20)
+        allowed = "expected an integer >= 1 (the statistics need data), or set norm.init_from"
+        _check(_is_int(n) and n >= 1, "calibration_batches", n, allowed)
+    groups = get("num_groups", 1)
+    _check(_is_int(groups) and groups >= 1, "num_groups", groups, "expected an integer >= 1")
+    bad = [c for c in channels if c % groups] if name == "groupnorm" else []
+    if bad:
+        common = functools.reduce(math.gcd, channels)
+        divisors = [d for d in range(1, common + 1) if common % d == 0]
+        allowed = f"it does not divide the channel count {bad[0]} of a normalized layer; use a "
+        _check(
+            False, "num_groups", groups, f"{allowed}divisor of all of {list(channels)}: {divisors}"
+        )
+    epoch = get("freeze_at_epoch")
+    bounded = max_epochs is not None and max_epochs >= 0
+    upper = f"[0, {max_epochs - 1}] (trainer.max_epochs={max_epochs})" if bounded else ">= 0"
+    ok = epoch is None or (_is_int(epoch) and 0 <= epoch and not (bounded and epoch >= max_epochs))
+    _check(ok, "freeze_at_epoch", epoch, f"expected null or an epoch number in {upper}")
+    for key in ("freeze_at_epoch", "precise_bn_batches"):
+        needs_stats = get(key) not in (None, 0) and get("track_running_stats") is False
+        _check(not needs_stats, key, get(key), "it needs norm.track_running_stats=true")
+    path = get("init_from")
+    exists = isinstance(path, str | os.PathLike) and Path(path).expanduser().is_file()
+    _check(path is None or exists, "init_from", path, "no such file; give a checkpoint or null")
+
+
+def _build_norm(name: str, kwargs: dict[str, Any], num_channels: int) -> nn.Module:
+    if name == "none":
+        return nn.Identity()
+    if name == "batchnorm":
+        return nn.BatchNorm2d(num_channels, **kwargs)
+    if name == "frozen":
+        return FrozenBatchNorm2d(num_channels, **kwargs)
+    if name == "groupnorm":
+        return nn.GroupNorm(kwargs["num_groups"], num_channels, kwargs["eps"], kwargs["affine"])
+    # LayerNorm over (C, H, W) of each sample, with per-channel (not per-element) gamma/beta.
+    return nn.GroupNorm(1, num_channels, kwargs["eps"], kwargs["affine"])
+
+
+def make_norm_factory(cfg: Mapping[str, Any]) -> Callable[[int], nn.Module]:
+    """Return ``factory(num_channels) -> nn.Module`` for the configured norm (validated first).
+
+    ``none`` -> ``nn.Identity``; ``batchnorm`` -> ``nn.BatchNorm2d(momentum, eps, affine,
+    track_running_stats)``; ``frozen`` -> ``FrozenBatchNorm2d(eps, freeze_affine)``;
+    ``groupnorm`` -> ``nn.GroupNorm(num_groups, C, eps, affine)``; ``layernorm`` ->
+    ``nn.GroupNorm(1, C, eps, affine)``, i.e. LayerNorm over (C, H, W) of each sample with
+    per-channel gamma/beta. The factory is a picklable ``functools.partial``.
+    """
+    validate_norm_config(cfg)
+    name = cfg["name"]
+    kwargs = {k: cfg.get(k, v) for k, v in DEFAULTS[name].items()}
+    return functools.partial(_build_norm, name, kwargs)
+
+
+def norm_has_bias(cfg: Mapping[str, Any]) -> bool:
+    """True when the norm layer carries a per-channel beta, so a preceding conv needs no bias.
+
+    ``frozen`` counts even with ``freeze_affine`` (beta fixed, not learned) so that conv layers have
+    the same keys under ``norm=batchnorm`` and ``norm=frozen``: checkpoints move between them.
+    """
+    name = cfg.get("name")
+    if name == "frozen":
+        return True
+    return name in ("batchnorm", "groupnorm", "layernorm") and bool(cfg.get("affine", True))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose running statistics never change: ``y = x * scale + shift`` with
+    ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``.
+
+    Normalizes with ``running_mean``/``running_var`` in ``train()`` and ``eval()`` alike and never
+    writes them, so no mode switch can unfreeze it. gamma/beta (``weight``/``bias``) are trainable
+    parameters unless ``freeze_affine=True``, which stores them as buffers instead. The state_dict
+    keys are exactly those of ``nn.BatchNorm2d`` (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), so checkpoints load in both directions.
+
+    Example::
+
+        frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+        frozen = convert_to_frozen(model)  # every BatchNorm2d / SyncBatchNorm in place
+    """
+
+    momentum = None  # attributes mirror BatchNorm so inspection tools can print them
+    track_running_stats = True
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, freeze_affine: bool = False, affine: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.freeze_affine, self.affine = freeze_affine, affine
+        if affine and freeze_affine:
+            self.register_buffer("weight", torch.ones(num_features))
+            self.register_buffer("bias", torch.zeros(num_features))
+        elif affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, freeze_affine: bool = False) -> FrozenBatchNorm2d:
+        """Frozen copy of ``bn`` with bit-identical values, device and dtype.
+
+        Trainable gamma/beta are the very ``Parameter`` objects of ``bn`` (an optimizer built before
+        the conversion keeps training them); buffers are cloned.
+        """
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"{bn} has no running statistics (track_running_stats=False) to freeze"
+            )
+        frozen = cls(bn.num_features, bn.eps, freeze_affine, bn.affine)
+        if bn.affine and freeze_affine:
+            frozen.weight, frozen.bias = bn.weight.detach().clone(), bn.bias.detach().clone()
+        elif bn.affine:
+            frozen.weight, frozen.bias = bn.weight, bn.bias
+        frozen.running_mean = bn.running_mean.clone()
+        frozen.running_var = bn.running_var.clone()
+        if bn.num_batches_tracked is not None:
+            frozen.num_batches_tracked = bn.num_batches_tracked.clone()
+        return frozen.train(bn.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = (self.running_var + self.eps).rsqrt()
+        shift = -self.running_mean * scale
+        if self.weight is not None:
+            scale = self.weight * scale
+            shift = self.bias + shift * self.weight
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
+        # Old BatchNorm checkpoints have no num_batches_tracked; accept them as BatchNorm does.
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum=None, affine={self.affine}, "
+            f"track_running_stats=True, freeze_affine={self.freeze_affine}"
+        )
+
+
+def _convert(module: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    new = swap(module)
+    if new is not None:
+        return new
+    for name, child in module.named_children():
+        converted = _convert(child, swap)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+def convert_to_frozen(module: nn.Module, freeze_affine: bool = False) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d``/``SyncBatchNorm`` with a bit-exact ``FrozenBatchNorm2d``.
+
+    Walks the model once; returns ``module`` itself unless the root is a BatchNorm layer.
+    """
+    bn_types = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        return (
+            FrozenBatchNorm2d.from_batchnorm(m, freeze_affine) if isinstance(m, bn_types) else None
+        )
+
+    return _convert(module, swap)
+
+
+def convert_to_batchnorm(module: nn.Module, momentum: float | None = 0.1) -> nn.Module:
+    """Inverse of :func:`convert_to_frozen`: every ``FrozenBatchNorm2d`` becomes a bit-exact
+    ``nn.BatchNorm2d`` (trainable gamma/beta, same device and dtype) with ``momentum``."""
+
+    def swap(m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, FrozenBatchNorm2d):
+            return None
+        rm = m.running_mean
+        bn = nn.BatchNorm2d(
+            m.num_features, m.eps, momentum, m.affine, device=rm.device, dtype=rm.dtype
+        )
+        if m.affine:
+            keep = isinstance(m.weight, nn.Parameter)
+            bn.weight = m.weight if keep else nn.Parameter(m.weight.clone())
+            bn.bias = m.bias if keep else nn.Parameter(m.bias.clone())
+        bn.running_mean, bn.running_var = rm.clone(), m.running_var.clone()
+        bn.num_batches_tracked = m.num_batches_tracked.clone()
+        return bn.train(m.training)
+
+    return _convert(module, swap)
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """BatchNorm-like: any ``_BatchNorm`` (incl. ``SyncBatchNorm``) or ``FrozenBatchNorm2d``."""
+    return isinstance(m, _BatchNorm | FrozenBatchNorm2d)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name from named_modules(), layer)`` for every BatchNorm-like layer."""
+    return [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
+
+
+def is_norm_layer(m: nn.Module) -> bool:
+    """BatchNorm-like, GroupNorm, LayerNorm, InstanceNorm or RMSNorm."""
+    return is_batchnorm(m) or isinstance(
+        m, nn.GroupNorm | nn.LayerNorm | _InstanceNorm | nn.RMSNorm
+    )
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups: trainable norm-layer params get ``norm_weight_decay``, the rest
+    ``weight_decay`` (torchvision references' ``set_weight_decay``). Empty groups are omitted."""
+    norm: list[nn.Parameter] = []
+    other: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (norm if is_norm_layer(m) else other).append(p)
+    groups = [
+        {"params": other, "weight_decay": weight_decay},
+        {"params": norm, "weight_decay": norm_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def estimate_population_stats(
+    model: nn.Module, batches: Iterable[Tensor], num_batches: int
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Precise-BN (fvcore ``update_bn_stats``; Wu & Johnson 2021): exact per-channel mean and
+    variance of every BatchNorm-like layer's input over up to ``num_batches`` batches.
+
+    The pass is a training-mode forward: every BatchNorm-like layer normalizes with the batch's own
+    statistics (``FrozenBatchNorm2d`` included, through a temporary hook), so each layer sees inputs
+    as in training and stale running statistics of earlier layers do not leak into later ones.
+    Batches are pooled by element count (N*H*W) in float64, not averaged with an EMA. The returned
+    variance is the unbiased pooled variance (n/(n-1)), what ``running_var`` means in PyTorch.
+    Buffers and every module's train/eval mode are restored: this function changes nothing; use
+    :func:`apply_population_stats` to write the result. Statistics are per process (no all-reduce).
+
+    Args:
+        batches: input tensors, scaled and on the model's device (of ``(x, y)`` pairs x is used).
+        num_batches: the most batches to use (>= 1).
+
+    Returns:
+        ``{qualified_name: (mean, var)}`` in the dtype/device of each layer's ``running_mean``;
+        layers without running statistics or not reached by the forward pass are omitted.
+    """
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches!r} must be >= 1")
+    layers = [(n, m) for n, m in batchnorm_layers(model) if m.running_mean is not None]
+    acc: dict[str, tuple[int, Tensor, Tensor]] = {}  # name -> (count, mean, sum of squared dev.)
+
+    def collect(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().to(torch.float64)
+            dims = [0, *range(2, x.dim())]
+            n_b = x.numel() // x.shape[1]
+            mean_b = x.mean(dims)
+            m2_b = (x - mean_b.reshape(1, -1, *[1] * (x.dim() - 2))).square().sum(dims)
+            if name not in acc:
+                acc[name] = (n_b, mean_b, m2_b)
+                return
+            n_a, mean_a, m2_a = acc[name]  # Chan et al.'s pairwise update: exact and stable
+            n, delta = n_a + n_b, mean_b - mean_a
+            acc[name] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta.square() * n_a * n_b / n)
+
+        return hook
+
+    def batch_normalize(m: nn.Module, args: tuple[Any, ...], _: Tensor) -> Tensor:
+        return F.batch_norm(args[0], None, None, m.weight, m.bias, training=True, eps=m.eps)
+
+    modes = {m: m.training for m in model.modules()}
+    saved = {n: [t.clone() for t in m.buffers(recurse=False)] for n, m in layers}
+    handles = [m.register_forward_pre_hook(collect(n)) for n, m in layers]
+    handles += [
+        m.register_forward_hook(batch_normalize)
+        for _, m in layers
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
+    try:
+        model.train()
+        seen = 0
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            model(batch[0] if isinstance(batch, tuple | list) else batch)
+            seen += 1
+        if seen == 0:
+            raise ValueError("estimate_population_stats got no batches")
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in layers:
+            for buf, old in zip(m.buffers(recurse=False), saved[n], strict=True):
+                buf.copy_(old)
+        for m, mode in modes.items():
+            m.training = mode
+    out = {}
+    for name, m in layers:
+        if name in acc:
+            n, mean, m2 = acc[name]
+            var = m2 / max(n - 1, 1)
+            out[name] = (mean.to(m.running_mean), var.to(m.running_var))
+    return out
+
+
+@torch.no_grad()
+def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> float:
+    """Write ``{name: (mean, var)}`` into the layers' ``running_mean``/``running_var``.
+
+    Returns the largest absolute change of any entry (how far the statistics moved).
+    """
+    modules = dict(model.named_modules())
+    change = 0.0
+    for name, (mean, var) in stats.items():
+        layer = modules.get(name)
+        if layer is None or getattr(layer, "running_mean", None) is None:
+            raise KeyError(f"{name!r} is not a layer with running statistics in this model")
+        for buf, new in ((layer.running_mean, mean), (layer.running_var, var)):
+            new = new.to(buf)
+            change = max(change, (new - buf).abs().max().item() if buf.numel() else 0.0)
+            buf.copy_(new)
+    return change

@@ -1,0 +1,118 @@
+"""The training and evaluation recipes, top to bottom: ``train(cfg)`` and ``evaluate(cfg)``.
+
+Both receive a composed, validated Hydra config (see ``configs/``), build data, model, callbacks,
+loggers and Trainer from it, run, and write ``results.json`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.callbacks import norm_callbacks
+from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
+from normlab.utils.results import final_metrics, log_hparams, write_results
+
+log = logging.getLogger("normlab")
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a group of ``_target_`` configs (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
+    loggers = _instantiate_all(cfg.get("logger"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit a model on ``cfg.data`` with ``cfg.norm``, test its best checkpoint, write results."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+
+    log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+
+    log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
+    model = instantiate(
+        cfg.model,
+        norm=OmegaConf.to_container(cfg.norm, resolve=True),
+        num_classes=datamodule.num_classes,
+        in_channels=datamodule.num_channels,
+        _convert_="all",
+    )
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+
+    callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
+    trainer = build_trainer(cfg, callbacks)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name, run_dir))
+        log.info("resuming from the newest last.ckpt of task %s: %s", cfg.task_name, ckpt_path)
+    if ckpt_path:
+        load_checkpoint(ckpt_path)  # a clear error for a file that is not a normlab checkpoint
+
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = final_metrics(trainer)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        test_ckpt = best or (None if cfg.get("train") else ckpt_path)
+        if test_ckpt is None:
+            log.warning("no checkpoint was saved: testing the weights at the end of training")
+        trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt)
+    metrics = {**fit_metrics, **final_metrics(trainer)}
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoints = {"best": best or None, "last": str(last) if last.is_file() else None}
+    if trainer.is_global_zero:
+        log_hparams(trainer, cfg, metrics)
+        write_results(run_dir, metrics, checkpoints, extra={"task_name": cfg.task_name})
+    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test a checkpoint in eval mode with the data config and scaling statistics it was trained
+    with; ``cfg.data`` entries that are not null replace the saved ones."""
+    from normlab.models import NormLabModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    saved = checkpoint["normlab"]["config"]
+
+    data_cfg = dict(saved["data"])
+    data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
+    datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state:
+        datamodule.load_state_dict(state)  # the training split's scaling statistics
+
+    model = NormLabModule(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.run_config = saved
+
+    trainer = build_trainer(cfg, callbacks=[])
+    trainer.test(model, datamodule=datamodule)
+    metrics = final_metrics(trainer)
+    if trainer.is_global_zero:
+        log_hparams(trainer, OmegaConf.create(saved), metrics)
+        write_results(
+            run_dir,
+            metrics,
+            {"best": str(cfg.ckpt_path), "last": None},
+            extra={"task_name": cfg.task_name, "evaluated": str(cfg.ckpt_path)},
+        )
+    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics

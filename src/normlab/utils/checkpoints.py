@@ -1,0 +1,53 @@
+"""Loading checkpoints safely (``weights_only=True``) and finding the newest one of a task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from normlab.errors import CheckpointError
+
+CHECKPOINT_KEY = "normlab"
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """Load a normlab checkpoint with ``torch.load(weights_only=True)``: no code in it runs.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, or not written by normlab's train.py.
+    """
+    import torch
+
+    path = Path(path)
+    hint = "give a .ckpt written by train.py, e.g. logs/train/runs/<run>/checkpoints/last.ckpt"
+    if not path.is_file():
+        raise CheckpointError(f"{key}={path}: no such file; {hint}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unpickler errors alike
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{key}={path} is not a normlab checkpoint: torch.load(weights_only=True) cannot read"
+            f" it ({type(err).__name__}: {reason}); {hint}."
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise CheckpointError(
+            f"{key}={path} is not a normlab checkpoint: it loads, but has no '{CHECKPOINT_KEY}'"
+            f" entry with the run's config (was it written by another program?); {hint}."
+        )
+    return checkpoint
+
+
+def find_last_checkpoint(task_dir: Path, exclude: Path | None = None) -> Path:
+    """The newest ``checkpoints/last.ckpt`` under ``task_dir`` (runs and multiruns)."""
+    candidates = [
+        p
+        for p in task_dir.glob("**/checkpoints/last.ckpt")
+        if exclude is None or exclude.resolve() not in p.resolve().parents
+    ]
+    if not candidates:
+        raise CheckpointError(
+            f"ckpt_path=last: no checkpoints/last.ckpt under {task_dir}; train a run of this"
+            " task_name first, or give the checkpoint's path."
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
