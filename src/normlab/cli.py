@@ -21,7 +21,9 @@ def _discard_empty_run_dir(cfg: DictConfig) -> None:
         run_dir = Path(cfg.paths.output_dir)
     except Exception:
         return
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(
+        p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
+    ):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

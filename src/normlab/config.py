@@ -78,8 +78,8 @@ def validate_data(data: Mapping[str, Any]) -> None:
         raise ConfigError(
             "data.scaling",
             "imagenet",
-            f"ImageNet constants need RGB data but data={data.get('name')} has {channels} channel(s);"
-            " use data.scaling=dataset",
+            f"ImageNet constants need RGB data but data={data.get('name')} has {channels}"
+            " channel(s); use data.scaling=dataset",
         )
     if data.get("scaling") == "custom":
         for key in ("mean", "std"):
@@ -95,7 +95,7 @@ def validate_data(data: Mapping[str, Any]) -> None:
                 raise ConfigError(
                     f"data.{key}",
                     list(values),
-                    f"data={data.get('name')} has {channels} channel(s), so give {channels} value(s)",
+                    f"data={data.get('name')} has {channels} channel(s): give {channels} value(s)",
                 )
             if key == "std" and any(not isinstance(v, (int, float)) or v <= 0 for v in values):
                 raise ConfigError("data.std", list(values), "every std must be a positive number")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class NormlabError(Exception):
-    """An error caused by the user's input; the entry points print it as one paragraph and exit 2."""
+    """An error in the user's input; the entry points print it as one paragraph, exit 2."""
 
 
 class ConfigError(NormlabError, ValueError):

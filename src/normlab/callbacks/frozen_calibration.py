@@ -59,7 +59,9 @@ class FrozenBNCalibration(Callback):
         pl_module.load_state_dict(matching, strict=False)
         skipped = sorted(set(own) - set(matching))
         log.info(
-            "frozen BatchNorm: %d tensors from %s%s", len(matching), self.init_from,
+            "frozen BatchNorm: %d tensors from %s%s",
+            len(matching),
+            self.init_from,
             f" (kept initial values of {skipped})" if skipped else "",
         )
 
@@ -78,5 +80,8 @@ class FrozenBNCalibration(Callback):
         moved = apply_population_stats(pl_module, stats)
         log.info(
             "frozen BatchNorm: statistics of %d layers estimated from %d training batches"
-            " (max change %.4f)", len(stats), self.num_batches, moved,
+            " (max change %.4f)",
+            len(stats),
+            self.num_batches,
+            moved,
         )

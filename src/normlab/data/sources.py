@@ -26,11 +26,19 @@ SOURCES: tuple[str, ...] = (
     "synthetic",
 )
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
-    "num_samples": 1024, "num_test": 256, "shape": [3, 32, 32], "num_classes": 10, "noise_std": 48.0
+    "num_samples": 1024,
+    "num_test": 256,
+    "shape": [3, 32, 32],
+    "num_classes": 10,
+    "noise_std": 48.0,
 }
 
 

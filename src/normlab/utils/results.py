@@ -10,16 +10,26 @@ from typing import Any
 
 # the config keys shown as columns of TensorBoard's HPARAMS table
 HPARAM_KEYS = (
-    "data.name", "data.scaling", "data.batch_size", "norm.name", "model.activation",
-    "model.widths", "model.optimizer.name", "model.optimizer.lr", "model.optimizer.weight_decay",
-    "trainer.max_epochs", "seed",
+    "data.name",
+    "data.scaling",
+    "data.batch_size",
+    "norm.name",
+    "model.activation",
+    "model.widths",
+    "model.optimizer.name",
+    "model.optimizer.lr",
+    "model.optimizer.weight_decay",
+    "trainer.max_epochs",
+    "seed",
 )
 
 
 def final_metrics(trainer: Any) -> dict[str, float]:
     """The trainer's last logged epoch metrics as plain floats."""
     return {
-        k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if getattr(v, "numel", lambda: 1)() == 1
     }
 
 

@@ -1,0 +1,78 @@
+"""Shared test helpers: run the real entry points as subprocesses, the way a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# small and fast: every subprocess run in the suite starts from these overrides
+FAST = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "model.widths=[8,16]",
+    "data.batch_size=64",
+]
+
+
+@dataclass
+class Run:
+    """A finished subprocess run of train.py / eval.py."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def results(self) -> dict:
+        return json.loads((self.run_dir / "results.json").read_text())
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_script(
+    script: str,
+    *overrides: str,
+    run_dir: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> Run:
+    """Run ``python <script> overrides...`` from the repo root with its run dir at ``run_dir``
+    and its log dir beside it; returns the exit code, output and run dir."""
+    cmd = [
+        sys.executable,
+        str(ROOT / script),
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        f"paths.log_dir={run_dir.parent / 'logs'}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+@pytest.fixture
+def train_run(tmp_path: Path):
+    """``train_run(*overrides, name="run")`` runs train.py with the FAST overrides first."""
+
+    def _run(*overrides: str, name: str = "run", fast: bool = True, **kwargs) -> Run:
+        args = [*(FAST if fast else []), *overrides]
+        return run_script("train.py", *args, run_dir=tmp_path / name, **kwargs)
+
+    return _run
