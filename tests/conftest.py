@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "trainer=cpu",
     "trainer.max_epochs=1",
-    "trainer.enable_progress_bar=false",
+    "callbacks.rich_progress_bar=null",
     "model.widths=[8,16]",
     "data.batch_size=64",
 ]

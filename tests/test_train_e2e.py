@@ -1,0 +1,88 @@
+"""train.py and eval.py end to end, as a user runs them (subprocesses, offline digits data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+
+
+def assert_run_dir(run_dir: Path) -> dict:
+    """The run-dir layout of DESIGN.md; returns results.json."""
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "train.log").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    import json
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) >= {"metrics", "checkpoints", "run_dir"}
+    assert {"val/acc", "test/acc", "train/loss"} <= set(results["metrics"])
+    assert Path(results["checkpoints"]["best"]).is_file()
+    assert results["checkpoints"]["last"] == str(run_dir / "checkpoints" / "last.ckpt")
+    return results
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm", "frozen", "groupnorm", "layernorm"])
+def test_train_each_norm(norm: str, train_run) -> None:
+    run = train_run(f"norm={norm}", "seed=0", "tags=[e2e]", "trainer.max_epochs=3")
+    assert run.returncode == 0, run.output[-3000:]
+    results = assert_run_dir(run.run_dir)
+    # three epochs of a tiny CNN on digits: above chance (0.1); normalized nets learn much faster
+    assert results["metrics"]["test/acc"] > (0.15 if norm == "none" else 0.5), results
+    ckpt = torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["norm"]["name"] == norm
+    assert ckpt["normlab"]["config"]["seed"] == 0
+    assert ckpt["NormLabDataModule"]["scaling"] == "dataset"
+    keys = ckpt["state_dict"].keys()
+    has_stats = any(k.endswith("running_mean") for k in keys)
+    assert has_stats == (norm in ("batchnorm", "frozen"))
+
+
+def test_eval_reproduces_test_accuracy_and_seed_zero_repeats(train_run, tmp_path: Path) -> None:
+    first = train_run("seed=0", name="first")
+    assert first.returncode == 0, first.output[-3000:]
+    results = assert_run_dir(first.run_dir)
+    best = results["checkpoints"]["best"]
+
+    evaluated = run_script("eval.py", f"ckpt_path={best}", "trainer=cpu", run_dir=tmp_path / "ev")
+    assert evaluated.returncode == 0, evaluated.output[-3000:]
+    eval_results = evaluated.results
+    assert abs(eval_results["metrics"]["test/acc"] - results["metrics"]["test/acc"]) <= 0.005
+    assert eval_results["evaluated"] == best
+
+    # seed=0 is honoured: the same seed gives the same weights, bit for bit
+    second = train_run("seed=0", name="second")
+    assert second.returncode == 0, second.output[-3000:]
+    a = torch.load(first.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(second.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_norm_fails_at_once_listing_norms(train_run) -> None:
+    run = train_run("norm=nosuchnorm")
+    assert run.returncode != 0
+    for norm in ("none", "batchnorm", "frozen", "groupnorm", "layernorm"):
+        assert norm in run.stderr
+    assert not (run.run_dir / "results.json").exists()
+
+
+def test_missing_offline_data_is_one_clear_paragraph(train_run, tmp_path: Path) -> None:
+    empty = tmp_path / "no_data"
+    run = train_run("data=mnist", f"data.data_dir={empty}")
+    assert run.returncode == 2, run.output[-2000:]
+    assert "normlab: error:" in run.stderr and "Traceback" not in run.stderr
+    assert str(empty) in run.stderr and "data.download=true" in run.stderr
+    assert not run.run_dir.exists() or not (run.run_dir / "results.json").exists()
+
+
+def test_train_false_tests_a_given_checkpoint(train_run) -> None:
+    first = train_run(name="trained")
+    assert first.returncode == 0, first.output[-3000:]
+    last = first.run_dir / "checkpoints" / "last.ckpt"
+    run = train_run("train=false", f"ckpt_path={last}", name="tested")
+    assert run.returncode == 0, run.output[-3000:]
+    assert "test/acc" in run.results["metrics"] and "val/acc" not in run.results["metrics"]
