@@ -115,3 +115,17 @@ def test_seed_zero_is_kept(tmp_path: Path) -> None:
 def test_eval_config_requires_ckpt_path(tmp_path: Path) -> None:
     _, cfg = compose_train([], tmp_path, config_name="eval")
     assert OmegaConf.missing_keys(cfg) == {"ckpt_path"}
+
+
+def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
+    os.environ.setdefault("NORMLAB_ROOT", str(ROOT))
+    register_resolvers()
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    # one SLURM task per GPU, as Lightning's SLURMEnvironment expects
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert cfg.trainer.sync_batchnorm is True
+    assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
