@@ -1,4 +1,5 @@
-"""Unit tests for normlab.norm: norm factory, FrozenBatchNorm2d, conversions, precise-BN."""
+"""Unit tests for normlab.norm and normlab.precise_bn: norm factory, validation, FrozenBatchNorm2d,
+conversions, weight decay groups, precise-BN population statistics."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.errors import CheckpointError
 from normlab.norm import (
     NORMS,
     FrozenBatchNorm2d,
     NormConfigError,
-    apply_population_stats,
     batchnorm_layers,
     convert_to_batchnorm,
     convert_to_frozen,
-    estimate_population_stats,
     is_batchnorm,
     is_norm_layer,
     make_norm_factory,
@@ -26,6 +26,7 @@ from normlab.norm import (
     param_groups,
     validate_norm_config,
 )
+from normlab.precise_bn import apply_population_stats, estimate_population_stats
 
 
 def small_cnn(norm: str = "batchnorm") -> nn.Sequential:
@@ -145,6 +146,12 @@ def test_norm_has_bias() -> None:
             "norm.freeze_at_epoch",
             "5",
         ),
+        (
+            {"name": "batchnorm", "freeze_at_epoch": 0},
+            {"max_epochs": 5},
+            "norm.freeze_at_epoch",
+            "0",
+        ),
         ({"name": "nosuchnorm"}, {}, "norm.name", "nosuchnorm"),
         (
             {"name": "frozen", "init_from": "/nonexistent.ckpt"},
@@ -163,7 +170,8 @@ def test_validate_rejects_bad_values(cfg: dict, kwargs: dict, key: str, value: s
     assert key in str(info.value) and value in str(info.value)
     assert isinstance(info.value, ValueError)
     with pytest.raises(NormConfigError):
-        make_norm_factory(cfg) if not kwargs else validate_norm_config(cfg, **kwargs)
+        factory_checks = not kwargs and key != "norm.init_from"  # files: at training time only
+        make_norm_factory(cfg) if factory_checks else validate_norm_config(cfg, **kwargs)
 
 
 def test_validate_messages_list_choices() -> None:
@@ -178,9 +186,30 @@ def test_validate_messages_list_choices() -> None:
     assert "24" in str(info.value)
 
 
+def fake_checkpoint(path: Path, state_dict: dict, norm: str = "batchnorm") -> Path:
+    """A file with the structure of a normlab checkpoint (what load_checkpoint checks)."""
+    torch.save(
+        {"normlab": {"format": 1, "config": {"norm": {"name": norm}}}, "state_dict": state_dict},
+        path,
+    )
+    return path
+
+
+def test_validate_init_from_must_be_a_checkpoint_with_statistics(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"norm.init_from=.*notes.txt is not a normlab"):
+        validate_norm_config({"name": "frozen", "init_from": str(text)})
+    gn = fake_checkpoint(tmp_path / "gn.ckpt", {"net.1.weight": torch.ones(2)}, norm="groupnorm")
+    with pytest.raises(CheckpointError, match="no BatchNorm running statistics.*norm=groupnorm"):
+        validate_norm_config({"name": "frozen", "init_from": str(gn)})
+    # a model rebuilt from a checkpoint (eval.py) does not need the init_from file any more
+    text.unlink()
+    assert isinstance(make_norm_factory({"name": "frozen", "init_from": str(text)})(4), nn.Module)
+
+
 def test_validate_accepts_good_configs(tmp_path: Path) -> None:
-    ckpt = tmp_path / "bn.ckpt"
-    ckpt.write_bytes(b"")
+    ckpt = fake_checkpoint(tmp_path / "bn.ckpt", {"net.1.running_mean": torch.zeros(2)})
     good = [
         ({"name": "none"}, {}),
         (

@@ -1,6 +1,7 @@
 """The one place that knows the list of norms: ``make_norm_factory(cfg.norm)(channels)`` builds a
 layer, so the backbone never branches on the norm type. Also ``FrozenBatchNorm2d``, bit-exact
-conversions to and from ``nn.BatchNorm2d``, norm-aware weight decay groups and precise-BN."""
+conversions to and from ``nn.BatchNorm2d`` and norm-aware weight decay groups. Precise-BN
+population statistics live in ``normlab.precise_bn``."""
 
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ import functools
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from normlab.errors import NormlabError
+from normlab.errors import CheckpointError, NormlabError
+from normlab.utils.checkpoints import load_checkpoint
 
 NORMS: tuple[str, ...] = ("none", "batchnorm", "frozen", "groupnorm", "layernorm")
 
@@ -50,15 +51,21 @@ def _is_real(value: Any) -> bool:
 
 
 def validate_norm_config(
-    cfg: Mapping[str, Any], channels: Sequence[int] = (), max_epochs: int | None = None
+    cfg: Mapping[str, Any],
+    channels: Sequence[int] = (),
+    max_epochs: int | None = None,
+    check_files: bool = True,
 ) -> None:
     """Check a ``norm`` config (a mapping such as ``{"name": "groupnorm", "num_groups": 8}``)
     before any layer is built. ``channels``: channel counts of the normalized layers (checked
-    against num_groups); ``max_epochs``: ``trainer.max_epochs`` (-1 or None: unbounded).
+    against num_groups); ``max_epochs``: ``trainer.max_epochs`` (-1 or None: unbounded);
+    ``check_files``: also check that ``norm.init_from`` is a normlab checkpoint holding BatchNorm
+    statistics (a training-time concern: a model rebuilt from a checkpoint skips it).
     Unknown extra keys are ignored.
 
     Raises:
         NormConfigError: naming the key (``norm.momentum`` ...), the value and what is allowed.
+        CheckpointError: ``norm.init_from`` is not a normlab checkpoint.
     """
     name = cfg.get("name") if isinstance(cfg, Mapping) else None
     _check(name in NORMS, "name", name, f"choose one of {', '.join(NORMS)} (e.g. norm=batchnorm)")
@@ -68,7 +75,7 @@ def validate_norm_config(
     _check(m is None or (_is_real(m) and 0 <= m <= 1), "momentum", m, allowed)
     eps = get("eps", 1.0)
     _check(_is_real(eps) and math.isfinite(eps) and eps > 0, "eps", eps, "expected a number > 0")
-    for key in ("affine", "track_running_stats", "freeze_affine"):
+    for key in ("affine", "track_running_stats", "freeze_affine", "distribute_bn"):
         _check(isinstance(get(key, True), bool), key, get(key), "expected true or false")
     n = get("precise_bn_batches", 0)
     _check(_is_int(n) and n >= 0, "precise_bn_batches", n, "expected an integer >= 0 (0: off)")
@@ -88,15 +95,42 @@ def validate_norm_config(
         )
     epoch = get("freeze_at_epoch")
     bounded = max_epochs is not None and max_epochs >= 0
-    upper = f"[0, {max_epochs - 1}] (trainer.max_epochs={max_epochs})" if bounded else ">= 0"
-    ok = epoch is None or (_is_int(epoch) and 0 <= epoch and not (bounded and epoch >= max_epochs))
-    _check(ok, "freeze_at_epoch", epoch, f"expected null or an epoch number in {upper}")
+    ok = epoch is None or (_is_int(epoch) and 1 <= epoch and not (bounded and epoch >= max_epochs))
+    if bounded and max_epochs < 2:
+        allowed = f"trainer.max_epochs={max_epochs} leaves no later epoch to freeze at; raise it"
+    else:
+        upper = f"in [1, {max_epochs - 1}] (trainer.max_epochs={max_epochs})" if bounded else ">= 1"
+        allowed = f"expected null or an epoch number {upper}; epoch 0 would freeze the"
+        allowed += " initial zeros/ones (norm=frozen estimates statistics before the first step)"
+    _check(ok, "freeze_at_epoch", epoch, allowed)
     for key in ("freeze_at_epoch", "precise_bn_batches"):
         needs_stats = get(key) not in (None, 0) and get("track_running_stats") is False
         _check(not needs_stats, key, get(key), "it needs norm.track_running_stats=true")
     path = get("init_from")
+    if path is None or not check_files:
+        return
     exists = isinstance(path, str | os.PathLike) and Path(path).expanduser().is_file()
-    _check(path is None or exists, "init_from", path, "no such file; give a checkpoint or null")
+    _check(exists, "init_from", path, "no such file; give a checkpoint or null")
+    init_from_state_dict(path)
+
+
+def init_from_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The ``state_dict`` of the normlab checkpoint ``norm.init_from`` names, checked to hold
+    BatchNorm running statistics (it was trained with ``norm=batchnorm`` or ``norm=frozen``).
+
+    Raises:
+        CheckpointError: the file is not a normlab checkpoint, or has no running statistics.
+    """
+    checkpoint = load_checkpoint(Path(path).expanduser(), key="norm.init_from")
+    state = checkpoint.get("state_dict") or {}
+    if not any(k.endswith(".running_mean") for k in state):
+        trained = ((checkpoint["normlab"].get("config") or {}).get("norm") or {}).get("name")
+        raise CheckpointError(
+            f"norm.init_from={path} holds no BatchNorm running statistics (its run used"
+            f" norm={trained}); give a checkpoint of a norm=batchnorm or norm=frozen run"
+            " with the same model.widths, or leave norm.init_from=null to estimate them."
+        )
+    return state
 
 
 def _build_norm(name: str, kwargs: dict[str, Any], num_channels: int) -> nn.Module:
@@ -121,7 +155,7 @@ def make_norm_factory(cfg: Mapping[str, Any]) -> Callable[[int], nn.Module]:
     ``nn.GroupNorm(1, C, eps, affine)``, i.e. LayerNorm over (C, H, W) of each sample with
     per-channel gamma/beta. The factory is a picklable ``functools.partial``.
     """
-    validate_norm_config(cfg)
+    validate_norm_config(cfg, check_files=False)
     name = cfg["name"]
     kwargs = {k: cfg.get(k, v) for k, v in DEFAULTS[name].items()}
     return functools.partial(_build_norm, name, kwargs)
@@ -303,104 +337,3 @@ def param_groups(
         {"params": norm, "weight_decay": norm_weight_decay},
     ]
     return [g for g in groups if g["params"]]
-
-
-@torch.no_grad()
-def estimate_population_stats(
-    model: nn.Module, batches: Iterable[Tensor], num_batches: int
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Precise-BN (fvcore ``update_bn_stats``; Wu & Johnson 2021): exact per-channel mean and
-    variance of every BatchNorm-like layer's input over up to ``num_batches`` batches.
-
-    The pass is a training-mode forward: every BatchNorm-like layer normalizes with the batch's own
-    statistics (``FrozenBatchNorm2d`` included, through a temporary hook), so each layer sees inputs
-    as in training and stale running statistics of earlier layers do not leak into later ones.
-    Batches are pooled by element count (N*H*W) in float64, not averaged with an EMA. The returned
-    variance is the unbiased pooled variance (n/(n-1)), what ``running_var`` means in PyTorch.
-    Buffers and every module's train/eval mode are restored: this function changes nothing; use
-    :func:`apply_population_stats` to write the result. Statistics are per process (no all-reduce).
-
-    Args:
-        batches: input tensors, scaled and on the model's device (of ``(x, y)`` pairs x is used).
-        num_batches: the most batches to use (>= 1).
-
-    Returns:
-        ``{qualified_name: (mean, var)}`` in the dtype/device of each layer's ``running_mean``;
-        layers without running statistics or not reached by the forward pass are omitted.
-    """
-    if num_batches < 1:
-        raise ValueError(f"num_batches={num_batches!r} must be >= 1")
-    layers = [(n, m) for n, m in batchnorm_layers(model) if m.running_mean is not None]
-    acc: dict[str, tuple[int, Tensor, Tensor]] = {}  # name -> (count, mean, sum of squared dev.)
-
-    def collect(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().to(torch.float64)
-            dims = [0, *range(2, x.dim())]
-            n_b = x.numel() // x.shape[1]
-            mean_b = x.mean(dims)
-            m2_b = (x - mean_b.reshape(1, -1, *[1] * (x.dim() - 2))).square().sum(dims)
-            if name not in acc:
-                acc[name] = (n_b, mean_b, m2_b)
-                return
-            n_a, mean_a, m2_a = acc[name]  # Chan et al.'s pairwise update: exact and stable
-            n, delta = n_a + n_b, mean_b - mean_a
-            acc[name] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta.square() * n_a * n_b / n)
-
-        return hook
-
-    def batch_normalize(m: nn.Module, args: tuple[Any, ...], _: Tensor) -> Tensor:
-        return F.batch_norm(args[0], None, None, m.weight, m.bias, training=True, eps=m.eps)
-
-    modes = {m: m.training for m in model.modules()}
-    saved = {n: [t.clone() for t in m.buffers(recurse=False)] for n, m in layers}
-    handles = [m.register_forward_pre_hook(collect(n)) for n, m in layers]
-    handles += [
-        m.register_forward_hook(batch_normalize)
-        for _, m in layers
-        if isinstance(m, FrozenBatchNorm2d)
-    ]
-    try:
-        model.train()
-        seen = 0
-        for batch in batches:
-            if seen >= num_batches:
-                break
-            model(batch[0] if isinstance(batch, tuple | list) else batch)
-            seen += 1
-        if seen == 0:
-            raise ValueError("estimate_population_stats got no batches")
-    finally:
-        for h in handles:
-            h.remove()
-        for n, m in layers:
-            for buf, old in zip(m.buffers(recurse=False), saved[n], strict=True):
-                buf.copy_(old)
-        for m, mode in modes.items():
-            m.training = mode
-    out = {}
-    for name, m in layers:
-        if name in acc:
-            n, mean, m2 = acc[name]
-            var = m2 / max(n - 1, 1)
-            out[name] = (mean.to(m.running_mean), var.to(m.running_var))
-    return out
-
-
-@torch.no_grad()
-def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> float:
-    """Write ``{name: (mean, var)}`` into the layers' ``running_mean``/``running_var``.
-
-    Returns the largest absolute change of any entry (how far the statistics moved).
-    """
-    modules = dict(model.named_modules())
-    change = 0.0
-    for name, (mean, var) in stats.items():
-        layer = modules.get(name)
-        if layer is None or getattr(layer, "running_mean", None) is None:
-            raise KeyError(f"{name!r} is not a layer with running statistics in this model")
-        for buf, new in ((layer.running_mean, mean), (layer.running_var, var)):
-            new = new.to(buf)
-            change = max(change, (new - buf).abs().max().item() if buf.numel() else 0.0)
-            buf.copy_(new)
-    return change

@@ -7,81 +7,93 @@ import logging
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from normlab.norm import apply_population_stats, batchnorm_layers, estimate_population_stats
+from normlab.callbacks._batches import TrainingBatches
+from normlab.errors import CheckpointError
+from normlab.norm import FrozenBatchNorm2d, init_from_state_dict
+from normlab.precise_bn import apply_population_stats, estimate_population_stats
 
 log = logging.getLogger("normlab")
 
 
 class FrozenBNCalibration(Callback):
-    """Sets the running statistics of every ``FrozenBatchNorm2d`` once, before training starts.
+    """Sets the running statistics of every ``FrozenBatchNorm2d`` once, in ``on_fit_start``:
+    after the model is on its device, before the first training step.
 
     - ``init_from`` given: weights and statistics are copied from that checkpoint (fine-tuning a
-      BatchNorm-trained model with frozen statistics; layers whose shapes differ are skipped).
-    - otherwise: the precise-BN population estimate over ``num_batches`` training batches.
-    - resuming (``trainer.fit(ckpt_path=...)``): nothing; the checkpoint holds the statistics.
+      BatchNorm-trained model with frozen statistics). Tensors whose shapes differ (e.g. a
+      classifier for another number of classes) keep their initial values; every frozen layer must
+      find its statistics in the checkpoint.
+    - otherwise: the precise-BN population estimate (``normlab.precise_bn``) over the first
+      ``num_batches`` training batches, on every process alike (same batches, same result).
+    - resuming (``trainer.fit(ckpt_path=...)``): nothing; the checkpoint holds the statistics and
+      they are never re-estimated.
 
-    Every process sees the same (unsharded, seeded) batches, so DDP ranks agree exactly.
+    Logs one info line saying where the statistics came from (and how far they moved).
 
     Args:
         num_batches: training batches to estimate the statistics from (>= 1).
-        init_from: path of a normlab checkpoint, or None.
+        init_from: path of a normlab checkpoint holding BatchNorm statistics, or None.
 
     Raises:
         ValueError: ``num_batches`` < 1 and no ``init_from``.
+        CheckpointError: ``init_from`` is not a normlab checkpoint with running statistics
+            (checked here, before training), or lacks statistics of a layer of the model.
 
     Example::
 
+        model = NormLabModule(num_classes=10, in_channels=1, norm={"name": "frozen"})
         trainer = Trainer(callbacks=[FrozenBNCalibration(num_batches=20)])
+        trainer.fit(model, datamodule=NormLabDataModule())
     """
 
     def __init__(self, num_batches: int = 20, init_from: str | None = None) -> None:
-        if init_from is None and (not isinstance(num_batches, int) or num_batches < 1):
+        if init_from is None and (
+            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+        ):
             raise ValueError(f"norm.calibration_batches={num_batches!r}: must be an integer >= 1")
         self.num_batches, self.init_from = num_batches, init_from
+        self._source = init_from_state_dict(init_from) if init_from else None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+        if not frozen:
+            return
         if trainer.ckpt_path:
-            log.info("frozen BatchNorm: resuming, statistics come from %s", trainer.ckpt_path)
-            return
-        if not batchnorm_layers(pl_module):
-            return
-        if self.init_from:
-            self._load(pl_module)
+            message = f"frozen BatchNorm: resuming, statistics come from {trainer.ckpt_path}"
+        elif self._source is not None:
+            message = self._load(pl_module, frozen)
         else:
-            self._estimate(trainer, pl_module)
+            message = self._estimate(trainer, pl_module, frozen)
+        if trainer.is_global_zero:
+            log.info(message)
 
-    def _load(self, pl_module: L.LightningModule) -> None:
-        from normlab.utils.checkpoints import load_checkpoint
-
-        source = load_checkpoint(self.init_from, key="norm.init_from")["state_dict"]
+    def _load(self, pl_module: L.LightningModule, frozen: list[str]) -> str:
         own = pl_module.state_dict()
-        matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-        pl_module.load_state_dict(matching, strict=False)
+        matching = {k: v for k, v in self._source.items() if k in own and own[k].shape == v.shape}
+        missing = [
+            n for n in frozen if not {f"{n}.running_mean", f"{n}.running_var"} <= set(matching)
+        ]
+        if missing:
+            raise CheckpointError(
+                f"norm.init_from={self.init_from} has no running statistics of the same shape for"
+                f" layer(s) {missing}: it was trained with another architecture; give a checkpoint"
+                " with the same model.widths / model.blocks_per_stage, or norm.init_from=null."
+            )
+        pl_module.load_state_dict(matching, strict=False)  # copies in place: optimizer unaffected
         skipped = sorted(set(own) - set(matching))
-        log.info(
-            "frozen BatchNorm: %d tensors from %s%s",
-            len(matching),
-            self.init_from,
-            f" (kept initial values of {skipped})" if skipped else "",
+        return (
+            f"frozen BatchNorm: statistics and weights ({len(matching)} tensors) from"
+            f" norm.init_from={self.init_from}"
+            + (f"; kept initial values of {skipped}" if skipped else "")
         )
 
-    def _estimate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        datamodule.setup("fit")
-
-        def batches():
-            for batch in datamodule.train_dataloader():
-                images, labels = datamodule.on_after_batch_transfer(
-                    (batch[0].to(pl_module.device), batch[1]), 0
-                )
-                yield images
-
-        stats = estimate_population_stats(pl_module, batches(), self.num_batches)
-        moved = apply_population_stats(pl_module, stats)
-        log.info(
-            "frozen BatchNorm: statistics of %d layers estimated from %d training batches"
-            " (max change %.4f)",
-            len(stats),
-            self.num_batches,
-            moved,
+    def _estimate(self, trainer: L.Trainer, pl_module: L.LightningModule, frozen: list[str]) -> str:
+        batches = TrainingBatches(trainer, epoch=0)
+        with trainer.precision_plugin.forward_context():
+            stats = estimate_population_stats(pl_module, batches, self.num_batches)
+        moved = apply_population_stats(pl_module, {n: stats[n] for n in frozen if n in stats})
+        return (
+            f"frozen BatchNorm: statistics of {len(stats)} layers estimated from {batches.count}"
+            f" training batches (precise BN, norm.calibration_batches={self.num_batches});"
+            f" largest change from the initial zeros/ones: {moved:.4f}"
         )
