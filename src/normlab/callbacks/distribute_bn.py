@@ -21,16 +21,17 @@ class DistributeBN(Callback):
     ``distribute_bn(reduce=True)`` does; it is a no-op in a single process and for frozen
     statistics (which never differ between ranks).
 
-    Logs: the largest absolute change of a running statistic, as ``norm/distribute_bn_shift``.
+    Logs: the largest absolute change of a running statistic at each validation, as
+    ``norm/distribute_bn_shift`` (how far the processes' statistics had drifted apart).
 
     Example::
 
         trainer = Trainer(strategy="ddp", devices=2, callbacks=[DistributeBN()])
     """
 
-    def _average(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _average(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor | None:
         if trainer.world_size < 2:
-            return
+            return None
         shift = torch.zeros((), device=pl_module.device)
         for module in pl_module.modules():
             if isinstance(module, _BatchNorm) and module.track_running_stats:
@@ -39,12 +40,16 @@ class DistributeBN(Callback):
                     averaged = trainer.strategy.reduce(buffer.clone(), reduce_op="mean")
                     buffer.copy_(averaged)
                     shift = torch.maximum(shift, (averaged - before).abs().max())
-        pl_module.log("norm/distribute_bn_shift", shift, reduce_fx="max", sync_dist=True)
+        return shift
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._average(trainer, pl_module)
+        if trainer.sanity_checking:
+            return
+        shift = self._average(trainer, pl_module)
+        if shift is not None:  # how far the ranks had drifted apart during the epoch
+            pl_module.log("norm/distribute_bn_shift", shift, reduce_fx="max", sync_dist=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # ModelCheckpoint runs after the other callbacks, so checkpoints hold the average
+        # for epochs without validation; ModelCheckpoint runs after the other callbacks, so
+        # checkpoints hold the average either way
         self._average(trainer, pl_module)

@@ -16,12 +16,15 @@ HPARAM_KEYS = (
     "norm.name",
     "model.activation",
     "model.widths",
+    "model.blocks_per_stage",
     "model.optimizer.name",
     "model.optimizer.lr",
     "model.optimizer.weight_decay",
     "trainer.max_epochs",
     "seed",
 )
+# the metric columns of the HPARAMS table, logged as hparams/<name with _ for />
+HPARAM_METRICS = ("val/acc", "test/acc", "val/loss", "test/loss", "train/acc", "train/loss")
 
 
 def final_metrics(trainer: Any) -> dict[str, float]:
@@ -41,19 +44,35 @@ def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
 
 
 def log_hparams(trainer: Any, cfg: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-    """Write one HPARAMS entry per TensorBoard logger: the run's config against its real final
-    metrics (``hparams/val_acc``, ``hparams/test_acc``, ...), not Lightning's -1 placeholder."""
+    """Write one HPARAMS entry per TensorBoard logger: the run's config (``HPARAM_KEYS``) against
+    its real final metrics (scalars ``hparams/val_acc``, ``hparams/test_acc``, ... at the last
+    step), not Lightning's ``hp_metric=-1`` placeholder.
+
+    Every run declares the same columns (``HPARAM_METRICS``; a metric the run lacks, such as
+    val/acc of an eval.py run, stays blank): TensorBoard takes the table's columns from one run's
+    declaration, so runs of one log dir line up in one table.
+    """
     from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams
 
     params = {}
     for key in HPARAM_KEYS:
         value = _select(cfg, key)
         params[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    hp_metrics = {"hparams/" + k.replace("/", "_"): v for k, v in metrics.items()}
+    columns = {"hparams/" + k.replace("/", "_"): k for k in HPARAM_METRICS}
+    experiment, start, end = hparams(params, dict.fromkeys(columns, 0.0))
+    step = getattr(trainer, "global_step", 0)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=hp_metrics)
+            logger.hparams.update(params)  # hparams.yaml; log_hyperparams could add a -1 metric
             logger.save()
+            writer = logger.experiment
+            for summary in (experiment, start, end):
+                writer._get_file_writer().add_summary(summary, step)
+            for tag, key in columns.items():
+                if key in metrics:
+                    writer.add_scalar(tag, float(metrics[key]), step)
+            writer.flush()
 
 
 def write_results(
