@@ -35,7 +35,7 @@ def layout(run_dir: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_ddp_sim_run_leaves_one_run_dir_like_a_single_process_run(train_run, tmp_path) -> None:
-    ddp = train_run(*DDP, name="ddp", timeout=420)
+    ddp = train_run(*DDP, "norm.distribute_bn=true", name="ddp", timeout=420)
     assert ddp.returncode == 0, ddp.output[-3000:]
     assert "[rank: 1]" in ddp.output  # a second process really ran
     single = train_run(name="single")
@@ -45,6 +45,8 @@ def test_ddp_sim_run_leaves_one_run_dir_like_a_single_process_run(train_run, tmp
     assert not (tmp_path / "logs").exists()  # the children made no run dir of their own
     metrics = ddp.results["metrics"]
     assert 0 <= metrics["val/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1
+    # the ranks' running statistics differed (each saw its own shard) and were averaged
+    assert metrics["norm/distribute_bn_shift"] > 0
 
 
 @pytest.mark.slow
@@ -62,7 +64,9 @@ def test_ddp_sim_multirun_runs_each_job_once(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep dir
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    # summary.*: the parent's SweepSummary callback, once (DDP children run no multirun)
+    jobs_and_summary = ["0", "1", "multirun.yaml", "summary.csv", "summary.png"]
+    assert sorted(p.name for p in sweep.iterdir()) == jobs_and_summary
     norms = []
     for job in ("0", "1"):
         results = json.loads((sweep / job / "results.json").read_text())
