@@ -59,7 +59,7 @@ def test_group_options_are_those_of_the_design() -> None:
     }
     assert {"default", "cpu", "gpu", "mps"} <= set(options("trainer"))
     assert set(options("logger")) == {"tensorboard", "csv", "many"}
-    assert set(options("callbacks")) == {"default", "none"}
+    assert set(options("callbacks")) == {"default", "none", "no_inspection"}
     assert set(options("debug")) == {"default", "fdr", "limit", "overfit", "profiler"}
 
 
@@ -77,8 +77,12 @@ def test_callbacks_instantiate(callbacks: str, tmp_path: Path) -> None:
     _, cfg = compose_train([f"callbacks={callbacks}"], tmp_path)
     built = [instantiate(c) for c in (cfg.callbacks or {}).values() if c and "_target_" in c]
     names = {type(c).__name__ for c in built}
+    essential = {"ModelCheckpoint", "RichProgressBar", "LearningRateMonitor"}
+    inspection = {"BatchNormStats", "BatchNormHeatmap", "TrainTestGap", "EvalModeGap"}
     if callbacks == "default":
-        assert {"ModelCheckpoint", "RichProgressBar", "LearningRateMonitor"} <= names
+        assert essential | inspection <= names
+    elif callbacks == "no_inspection":
+        assert essential <= names and not inspection & names
     else:
         assert built == []
 

@@ -213,3 +213,27 @@ def test_tiny_compare_norms_sweep_writes_summary_of_its_jobs(tmp_path: Path) -> 
         assert xs == [1.0, 2.0] and ys[-1] == pytest.approx(results["metrics"]["val/acc"])
     assert (sweep / "summary.png").read_bytes()[:8] == PNG_MAGIC
     assert "sweep summary of 2 job(s)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep_or_its_summary(tmp_path: Path) -> None:
+    # batch_size=1 is refused for live BatchNorm only: job 0 fails, job 1 (norm=none) runs
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "norm=batchnorm,none",
+        *TINY,
+        "data.batch_size=1",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0  # the sweep as a whole reports the failure
+    assert "data.batch_size" in proc.stderr
+    rows = read_csv(sweep / "summary.csv")
+    assert [(r["job"], r["norm"]) for r in rows] == [("0", "batchnorm"), ("1", "none")]
+    assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "ok"
+    assert (sweep / "1" / "results.json").is_file()

@@ -16,6 +16,8 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
 SCALINGS = ("dataset", "imagenet", "none", "custom")
+# Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
+PRECISIONS = tuple("32-true bf16-mixed 16-mixed bf16-true 16-true 64-true 32 16 64 bf16".split())
 # input channels of each data source (imagefolder images are decoded as RGB)
 SOURCE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3, "imagefolder": 3}
 
@@ -70,10 +72,23 @@ def validate_data(data: Mapping[str, Any]) -> None:
     _number(data, "batch_size", "data", kind=int, low=1)
     _number(data, "eval_batch_size", "data", kind=int, low=1)
     _number(data, "num_workers", "data", kind=int, low=0)
+    _streaming(data)
     _number(data, "val_fraction", "data", low=0, high=0.9, low_open=True)
     _number(data, "test_fraction", "data", low=0, high=0.9)
     _choice(data.get("scaling"), "data.scaling", SCALINGS)
+    if not isinstance(data.get("download"), bool):
+        raise ConfigError("data.download", data.get("download"), "expected true or false")
+    if not isinstance(data.get("data_dir"), str) or not data.get("data_dir"):
+        raise ConfigError("data.data_dir", data.get("data_dir"), "expected a directory path")
     channels = data_channels(data)
+    for key in ("mean", "std"):
+        if data.get(key) is not None and data.get("scaling") != "custom":
+            raise ConfigError(
+                f"data.{key}",
+                data.get(key),
+                f"it is used only with data.scaling=custom (now data.scaling="
+                f"{data.get('scaling')}); add data.scaling=custom, or drop data.{key}",
+            )
     if data.get("scaling") == "imagenet" and channels not in (None, 3):
         raise ConfigError(
             "data.scaling",
@@ -97,8 +112,32 @@ def validate_data(data: Mapping[str, Any]) -> None:
                     list(values),
                     f"data={data.get('name')} has {channels} channel(s): give {channels} value(s)",
                 )
-            if key == "std" and any(not isinstance(v, (int, float)) or v <= 0 for v in values):
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                raise ConfigError(f"data.{key}", list(values), "every entry must be a number")
+            if key == "std" and any(v <= 0 for v in values):
                 raise ConfigError("data.std", list(values), "every std must be a positive number")
+
+
+def _streaming(data: Mapping[str, Any]) -> None:
+    """``data.in_memory``: a bool; false only for image folders, which then need one image size."""
+    in_memory = data.get("in_memory", True)
+    if not isinstance(in_memory, bool):
+        raise ConfigError("data.in_memory", in_memory, "expected true or false")
+    if not in_memory and data.get("name") != "imagefolder":
+        raise ConfigError(
+            "data.in_memory",
+            False,
+            f"only data=imagefolder streams images from disk; data={data.get('name')} is held in"
+            " memory as uint8 (N*C*H*W bytes: 52 MiB for MNIST, 176 MiB for CIFAR-10), so drop"
+            " data.in_memory=false",
+        )
+    if not in_memory and not data.get("image_size"):
+        raise ConfigError(
+            "data.image_size",
+            data.get("image_size"),
+            "data.in_memory=false decodes images one by one and stacks them into batches, so they"
+            " need one size: set data.image_size=[H,W]",
+        )
 
 
 def validate_model(model: Mapping[str, Any]) -> None:
@@ -113,11 +152,22 @@ def validate_model(model: Mapping[str, Any]) -> None:
     _number(opt, "lr", "model.optimizer", low=0, low_open=True, high=10)
     _number(opt, "weight_decay", "model.optimizer", low=0)
     _number(opt, "norm_weight_decay", "model.optimizer", low=0)
+    if opt.get("momentum") is not None:
+        _number(opt, "momentum", "model.optimizer", low=0, high=0.999)
     _choice((model.get("scheduler") or {}).get("name", "none"), "model.scheduler.name", SCHEDULERS)
+    for key in ("channels_last", "compile"):
+        if not isinstance(model.get(key, False), bool):
+            raise ConfigError(f"model.{key}", model.get(key), "expected true or false")
 
 
 def validate_trainer(trainer: Mapping[str, Any]) -> None:
     _number(trainer, "max_epochs", "trainer", kind=int, low=1)
+    _choice(str(trainer.get("precision") or "32-true"), "trainer.precision", PRECISIONS)
+    _number(trainer, "min_epochs", "trainer", kind=int, low=0, optional=True)
+    _number(trainer, "log_every_n_steps", "trainer", kind=int, low=1, optional=True)
+    _number(trainer, "check_val_every_n_epoch", "trainer", kind=int, low=1, optional=True)
+    _number(trainer, "accumulate_grad_batches", "trainer", kind=int, low=1, optional=True)
+    _number(trainer, "gradient_clip_val", "trainer", low=0, optional=True)
     devices = trainer.get("devices")
     if not (
         devices == "auto"
@@ -141,19 +191,28 @@ def validate_ckpt_path(ckpt_path: Any, key: str = "ckpt_path") -> None:
         raise ConfigError(key, ckpt_path, "no such file; give the path of a .ckpt file, or `last`")
 
 
+def validate_eval_config(cfg: Mapping[str, Any]) -> None:
+    """Check eval.py's keys (``ckpt_path``, ``data.batch_size``, trainer); raises ConfigError."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        raise ConfigError("ckpt_path", "last", "eval.py needs the path of a .ckpt file")
+    if ckpt_path is None:
+        raise ConfigError("ckpt_path", None, "eval.py needs the path of a .ckpt file")
+    validate_ckpt_path(ckpt_path)
+    data = cfg.get("data") or {}
+    if data.get("batch_size") is not None:
+        _number(data, "batch_size", "data", kind=int, low=1)
+    validate_trainer({**cfg["trainer"], "max_epochs": 1})  # max_epochs is unused by eval
+
+
 def validate_train_config(cfg: Mapping[str, Any]) -> None:
     """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
-    from normlab.norm import validate_norm_config
-
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", seed, "expected a non-negative integer (0 is fine)")
     validate_data(cfg["data"])
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
-    validate_norm_config(
-        cfg["norm"], channels=list(cfg["model"]["widths"]), max_epochs=cfg["trainer"]["max_epochs"]
-    )
     if (
         cfg["norm"].get("name") == "batchnorm"
         and cfg["data"]["batch_size"] == 1
@@ -163,7 +222,15 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
             "data.batch_size",
             1,
             "BatchNorm in training mode normalizes each channel with the batch's statistics, and a"
-            " batch of one sample has too few values per channel (after pooling: one); use"
-            " data.batch_size>=2, or norm=frozen/groupnorm/layernorm for single-sample batches",
+            " batch of one sample gives it the statistics of a single image (and PyTorch refuses"
+            " a channel with one value, as on a 1x1 feature map); use data.batch_size>=2 (16 or"
+            " more for stable statistics), or norm=frozen/groupnorm/layernorm for one-sample"
+            " batches",
         )
     validate_ckpt_path(cfg.get("ckpt_path"))
+    # last: norm.py imports torch, and the checks above should answer without it
+    from normlab.norm import validate_norm_config
+
+    validate_norm_config(
+        cfg["norm"], channels=list(cfg["model"]["widths"]), max_epochs=cfg["trainer"]["max_epochs"]
+    )

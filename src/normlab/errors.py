@@ -17,3 +17,8 @@ class ConfigError(NormlabError, ValueError):
 
 class CheckpointError(NormlabError):
     """A file given as a checkpoint is missing or is not a normlab checkpoint."""
+
+
+class DivergenceError(NormlabError, FloatingPointError):
+    """The training loss became NaN or infinite; raised by ``DivergenceGuard`` before the
+    optimizer applies the step, so the checkpoints on disk hold the last good weights."""

@@ -7,14 +7,19 @@ loggers and Trainer from it, run, and write ``results.json`` into the run dir.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
+from normlab.callbacks.reliability import reliability_callbacks
+from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
+from normlab.errors import NormlabError
 from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 
@@ -25,7 +30,12 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group of ``_target_`` configs (callbacks, loggers)."""
     if not group:
         return []
-    return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
+    try:
+        return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
+    except InstantiationException as err:  # a callback rejecting its arguments: a user error
+        if isinstance(err.__cause__, NormlabError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
@@ -33,8 +43,19 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
 
 
+def accelerator_name(trainer: L.Trainer) -> str:
+    """``cpu``, ``cuda``, ``mps``, ... for the accelerator the Trainer chose."""
+    return type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit a model on ``cfg.data`` with ``cfg.norm``, test its best checkpoint, write results."""
+    with job_scope():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
@@ -52,14 +73,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
+    callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM
     trainer = build_trainer(cfg, callbacks)
+    check_batchnorm_setup(model.run_config, accelerator_name(trainer))
+    prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "last":
         ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name, run_dir))
         log.info("resuming from the newest last.ckpt of task %s: %s", cfg.task_name, ckpt_path)
-    if ckpt_path:
-        load_checkpoint(ckpt_path)  # a clear error for a file that is not a normlab checkpoint
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -77,7 +99,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoints = {"best": best or None, "last": str(last) if last.is_file() else None}
     if trainer.is_global_zero:
         log_hparams(trainer, cfg, metrics)
-        write_results(run_dir, metrics, checkpoints, extra={"task_name": cfg.task_name})
+        extra = {
+            "task_name": cfg.task_name,
+            "epochs": trainer.current_epoch,  # completed epochs
+            "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
+        }
+        write_results(run_dir, metrics, checkpoints, extra=extra)
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics
 

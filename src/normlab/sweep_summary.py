@@ -241,6 +241,17 @@ class SweepSummary(Callback):
             raise TypeError(f"SweepSummary(png={png!r}): expected true or false")
         self.png = png
 
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Hydra skips on_multirun_end when a job failed: keep summary.csv current after every
+        # job of a sweep, so a failed sweep still leaves its table (failed jobs included)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        if hydra_cfg.mode == RunMode.MULTIRUN and sweep_dir.is_dir():
+            write_summary(sweep_dir, png=False)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
