@@ -31,8 +31,10 @@ def test_train_each_norm(norm: str, train_run) -> None:
     run = train_run(f"norm={norm}", "seed=0", "tags=[e2e]", "trainer.max_epochs=3")
     assert run.returncode == 0, run.output[-3000:]
     results = assert_run_dir(run.run_dir)
-    # three epochs of a tiny CNN on digits: above chance (0.1); normalized nets learn much faster
-    assert results["metrics"]["test/acc"] > (0.15 if norm == "none" else 0.5), results
+    # three epochs of a tiny (8, 16)-channel CNN on digits: above chance (0.1), and normalized
+    # nets at least three times chance (the full-size comparison is in the README tutorial)
+    floor = 0.15 if norm == "none" else 0.3
+    assert results["metrics"]["test/acc"] > floor, results
     ckpt = torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["norm"]["name"] == norm
     assert ckpt["normlab"]["config"]["seed"] == 0

@@ -1,7 +1,9 @@
-"""The LightningDataModule: in-memory uint8 images, a fixed seeded split, scaling on the device."""
+"""The LightningDataModule: uint8 images in memory (or streamed from an image folder), a fixed
+seeded split, scaling on the device."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,26 +11,83 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from normlab.data.scaling import FeatureScaler, resolve_scaling
-from normlab.data.sources import ImageData, load_source
+from normlab.data.scaling import FeatureScaler, channel_stats_of_batches, resolve_scaling
+from normlab.data.sources import (
+    FolderIndex,
+    ImageData,
+    decode_image,
+    index_imagefolder,
+    load_source,
+)
+
+log = logging.getLogger("normlab")
+
+# images per chunk when the scaling statistics are accumulated (bounded float64 copies)
+STATS_CHUNK = 4096
 
 
 class InMemoryImages(Dataset):
-    """uint8 images and labels held as tensors; a whole batch is fetched with one indexing op."""
+    """uint8 images and labels held as tensors; a whole batch is fetched with one indexing op.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels = images, labels
+    A split is a view: ``index`` selects its rows of the shared tensors, so the train and val
+    splits of a data set do not copy its images (memory stays N*C*H*W bytes).
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+    ) -> None:
+        self._images, self._labels, self.index = images, labels, index
+
+    @property
+    def images(self) -> torch.Tensor:
+        """This split's images (a copy when the split is a view)."""
+        return self._images if self.index is None else self._images[self.index]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """This split's labels."""
+        return self._labels if self.index is None else self._labels[self.index]
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return self._labels.shape[0] if self.index is None else self.index.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
+        row = index if self.index is None else self.index[index]
+        return self._images[row], self._labels[row]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # DataLoader calls this with the whole batch of indices (torch >= 2.0)
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+        rows = torch.as_tensor(indices)
+        if self.index is not None:
+            rows = self.index[rows]
+        return self._images[rows], self._labels[rows]
+
+    def chunks(self, size: int = STATS_CHUNK):
+        """Yield the split's images ``size`` at a time (for the scaling statistics)."""
+        for start in range(0, len(self), size):
+            stop = min(start + size, len(self))
+            rows = slice(start, stop) if self.index is None else self.index[start:stop]
+            yield self._images[rows]
+
+
+class StreamingImages(Dataset):
+    """Image files decoded one at a time, in the DataLoader workers (``data.in_memory=false``).
+
+    Each sample is a uint8 ``(3, H, W)`` tensor resized to ``image_size``, so the default collate
+    stacks uint8 batches and scaling still happens on the device, after the transfer.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], image_size: tuple[int, int]) -> None:
+        self.samples, self.image_size = samples, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, label = self.samples[index]
+        array = decode_image(path, self.image_size)
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return image, torch.tensor(label, dtype=torch.int64)
 
 
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +113,15 @@ class EpochSeededSampler(RandomSampler):
 
 
 class NormLabDataModule(L.LightningDataModule):
-    """Loads a data set into memory, splits it and scales batches per channel on the device.
+    """Loads a data set into memory (or indexes an image folder), splits it and scales batches
+    per channel on the device.
 
     Args mirror ``configs/data/*.yaml``. The scaling statistics (``data.scaling=dataset``) come from
     the training split only; they are saved in every checkpoint (``state_dict``) and reused by
     ``eval.py``, so a model is always evaluated with the statistics it was trained with.
+    ``in_memory=False`` (``data=imagefolder`` only) decodes images in the DataLoader workers
+    (``num_workers``) batch by batch; the statistics then cost one pass over the training split,
+    also decoded in the workers.
 
     Example::
 
@@ -83,17 +146,20 @@ class NormLabDataModule(L.LightningDataModule):
         std: list[float] | None = None,
         image_size: list[int] | None = None,
         synthetic: Mapping[str, Any] | None = None,
+        in_memory: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.scaler: FeatureScaler | None = None
-        self.data: ImageData | None = None
-        self.splits: dict[str, InMemoryImages] = {}
+        self.data: ImageData | FolderIndex | None = None
+        self.splits: dict[str, InMemoryImages | StreamingImages] = {}
 
     # -- data -------------------------------------------------------------------------------
-    def _load(self, download: bool = False) -> ImageData:
+    def _load(self, download: bool = False) -> ImageData | FolderIndex:
         hp = self.hparams
+        if not hp.in_memory:
+            return index_imagefolder(hp.data_dir)
         return load_source(
             hp.name,
             hp.data_dir,
@@ -108,7 +174,7 @@ class NormLabDataModule(L.LightningDataModule):
         if self.hparams.download:
             self._load(download=True)
 
-    def load(self) -> ImageData:
+    def load(self) -> ImageData | FolderIndex:
         """Load the data set once (cached); also called before setup to size the model."""
         if self.data is None:
             self.data = self._load()
@@ -122,44 +188,76 @@ class NormLabDataModule(L.LightningDataModule):
     def num_channels(self) -> int:
         return self.load().num_channels
 
+    def _split_indices(self, n: int, has_test: bool) -> tuple[torch.Tensor, ...]:
+        """(train, val, test) row indices: a permutation fixed by ``split_seed``."""
+        hp = self.hparams
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(hp.split_seed))
+        n_val = max(1, round(hp.val_fraction * n))
+        n_test = 0 if has_test else max(1, round(hp.test_fraction * n))
+        return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        hp, data = self.hparams, self.load()
-        n = data.train_x.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(hp.split_seed))
-        n_val = max(1, round(hp.val_fraction * n))
-        has_test = data.test_x is not None
-        n_test = 0 if has_test else max(1, round(hp.test_fraction * n))
-        val_idx, test_idx, train_idx = (
-            order[:n_val],
-            order[n_val : n_val + n_test],
-            order[n_val + n_test :],
-        )
-        self.splits["train"] = InMemoryImages(data.train_x[train_idx], data.train_y[train_idx])
-        self.splits["val"] = InMemoryImages(data.train_x[val_idx], data.train_y[val_idx])
-        if has_test:
-            self.splits["test"] = InMemoryImages(data.test_x, data.test_y)
+        data = self.load()
+        if isinstance(data, FolderIndex):
+            self._setup_streaming(data)
         else:
-            self.splits["test"] = InMemoryImages(data.train_x[test_idx], data.train_y[test_idx])
-        if self.scaler is None:
-            mean, std = resolve_scaling(
-                hp.scaling, self.splits["train"].images, data.num_channels, hp.mean, hp.std
+            has_test = data.test_x is not None
+            train, val, test = self._split_indices(data.train_x.shape[0], has_test)
+            self.splits["train"] = InMemoryImages(data.train_x, data.train_y, train)
+            self.splits["val"] = InMemoryImages(data.train_x, data.train_y, val)
+            self.splits["test"] = (
+                InMemoryImages(data.test_x, data.test_y)
+                if has_test
+                else InMemoryImages(data.train_x, data.train_y, test)
             )
+        if self.scaler is None:
+            hp = self.hparams
+            if hp.scaling == "dataset":  # the training split's statistics, chunk by chunk
+                mean, std = channel_stats_of_batches(self._train_chunks())
+            else:
+                mean, std = resolve_scaling(hp.scaling, None, data.num_channels, hp.mean, hp.std)
             self.scaler = FeatureScaler(mean, std)
+
+    def _setup_streaming(self, index: FolderIndex) -> None:
+        size = tuple(int(s) for s in self.hparams.image_size)
+        train, val, test = self._split_indices(len(index.train), index.test is not None)
+        for split, rows in (("train", train), ("val", val), ("test", test)):
+            self.splits[split] = StreamingImages([index.train[i] for i in rows.tolist()], size)
+        if index.test is not None:
+            self.splits["test"] = StreamingImages(index.test, size)
+        if self.hparams.num_workers == 0:
+            log.warning(
+                "data.in_memory=false with data.num_workers=0: images are decoded in the main "
+                "process, between training steps; set data.num_workers to the free CPU cores"
+            )
+
+    def _train_chunks(self):
+        """The training split's uint8 images, chunk by chunk (decoded in workers if streaming)."""
+        train = self.splits["train"]
+        if isinstance(train, InMemoryImages):
+            return train.chunks()
+        loader = DataLoader(train, batch_size=256, num_workers=self.hparams.num_workers)
+        log.info("data.scaling=dataset: one pass over %d streamed training images", len(train))
+        return (images for images, _ in loader)
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, batch_size: int, train: bool = False) -> DataLoader:
         dataset = self.splits[split]
+        in_memory = isinstance(dataset, InMemoryImages)
         # BatchNorm cannot normalize a training batch of one sample: drop such a last batch
         drop_last = train and len(dataset) % batch_size == 1
+        # page-locked batches let Lightning's non_blocking copy to the GPU overlap compute
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=EpochSeededSampler(dataset, self.hparams.seed) if train else None,
             drop_last=drop_last,
             num_workers=self.hparams.num_workers,
-            collate_fn=keep_batch,
+            collate_fn=keep_batch if in_memory else None,
+            pin_memory=pin,
             persistent_workers=self.hparams.num_workers > 0,
         )
 

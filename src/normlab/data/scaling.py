@@ -8,7 +8,7 @@ Scaling runs on whole batches on the device, never per sample in Python.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -23,13 +23,28 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
     """
     if images.ndim != 4 or images.numel() == 0:
         raise ValueError(f"expected a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].to(torch.float64).div_(255.0)
+    return channel_stats_of_batches(
+        images[start : start + chunk] for start in range(0, images.shape[0], chunk)
+    )
+
+
+def channel_stats_of_batches(
+    batches: Iterable[torch.Tensor],
+) -> tuple[list[float], list[float]]:
+    """:func:`channel_stats` of the concatenation of uint8 batches (N_i, C, H, W), without ever
+    holding them together: the streaming path feeds it DataLoader batches decoded in workers."""
+    total = total_sq = None
+    count = 0
+    for batch in batches:
+        x = batch.to(torch.float64).div_(255.0)
+        if total is None:
+            total = torch.zeros(x.shape[1], dtype=torch.float64)
+            total_sq = torch.zeros_like(total)
         total += x.sum(dim=(0, 2, 3))
         total_sq += x.square().sum(dim=(0, 2, 3))
-    count = images.numel() / images.shape[1]
+        count += x.numel() // x.shape[1]
+    if total is None or count == 0:
+        raise ValueError("channel statistics need at least one non-empty batch")
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
     return mean.tolist(), var.sqrt().tolist()

@@ -210,14 +210,34 @@ _FOLDER_LAYOUT = (
 )
 
 
-def _load_imagefolder(root: Path, image_size: tuple[int, int] | None) -> ImageData:
-    """A folder of images, one sub-folder per class; see :data:`_FOLDER_LAYOUT`.
+@dataclass
+class FolderIndex:
+    """An image folder listed but not decoded: ``(path, label)`` pairs of each split.
 
-    Images are always converted to RGB (grayscale ones are replicated to 3 channels) so that the
-    channel count, and thus the model, does not depend on which files happen to be in the folder.
+    What ``data.in_memory=false`` streams from; ``test`` is None without a ``test/`` folder.
+    Images are decoded as RGB, so ``num_channels`` is always 3.
+    """
+
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]] | None
+    classes: list[str]
+    num_channels: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the length of ``classes``)."""
+        return len(self.classes)
+
+
+def index_imagefolder(data_dir: str | Path) -> FolderIndex:
+    """List an image folder (see :data:`_FOLDER_LAYOUT`) without decoding any image.
+
+    Raises:
+        DataSourceError: the directory, its class folders or their images are missing.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    root = Path(data_dir)
     train_dir = root / "train"
     has_split = train_dir.is_dir()
     base = train_dir if has_split else root
@@ -250,37 +270,53 @@ def _load_imagefolder(root: Path, image_size: tuple[int, int] | None) -> ImageDa
         test_samples = make_dataset(test_dir, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         if not test_samples:
             raise fail(f"no images found in the class folders of {test_dir}")
+    return FolderIndex(train_samples, test_samples, list(classes))
 
-    train_x, train_y = _decode(train_samples, image_size)
+
+def _load_imagefolder(root: Path, image_size: tuple[int, int] | None) -> ImageData:
+    """A folder of images, one sub-folder per class, decoded whole into memory.
+
+    Images are always converted to RGB (grayscale ones are replicated to 3 channels) so that the
+    channel count, and thus the model, does not depend on which files happen to be in the folder.
+    """
+    index = index_imagefolder(root)
+    train_x, train_y = _decode(index.train, image_size)
     test_x = test_y = None
-    if test_samples is not None:
+    if index.test is not None:
         size = image_size or (int(train_x.shape[2]), int(train_x.shape[3]))
-        test_x, test_y = _decode(test_samples, size)
-    return ImageData(train_x, train_y, test_x, test_y, list(classes))
+        test_x, test_y = _decode(index.test, size)
+    return ImageData(train_x, train_y, test_x, test_y, index.classes)
+
+
+def decode_image(path: str, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode one image file to uint8 RGB ``(H, W, 3)``, resized (bilinear) to ``image_size``
+    (H, W) when given; what the in-memory and the streaming imagefolder paths share."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    if image_size is not None:
+        height, width = (int(s) for s in image_size)
+        if rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
 
 
 def _decode(
     samples: list[tuple[str, int]], image_size: tuple[int, int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode (path, label) pairs to uint8 RGB (N, 3, H, W), resizing to (H, W) when given."""
-    from PIL import Image
-
-    arrays = []
+    arrays: list[np.ndarray] = []
     for path, _ in samples:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-        if image_size is not None:
-            height, width = (int(s) for s in image_size)
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        elif arrays and (rgb.height, rgb.width) != arrays[0].shape[:2]:
-            first, this = arrays[0].shape[:2], (rgb.height, rgb.width)
+        array = decode_image(path, image_size)
+        if image_size is None and arrays and array.shape[:2] != arrays[0].shape[:2]:
+            first, this = arrays[0].shape[:2], array.shape[:2]
             raise DataSourceError(
                 f"data.name=imagefolder: images differ in size ({samples[0][0]} is "
                 f"{first[0]}x{first[1]}, {path} is {this[0]}x{this[1]}, height x width). Fix: set "
                 f"data.image_size=[H,W] to resize them all."
             )
-        arrays.append(np.asarray(rgb, dtype=np.uint8))
+        arrays.append(array)
     x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
     y = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return x, y

@@ -31,6 +31,10 @@ class NormLabModule(L.LightningModule):
         optimizer: ``{"name": "adamw"|"adam"|"sgd", "lr", "weight_decay", "norm_weight_decay",
             "momentum"}``; norm parameters (gamma/beta) get ``norm_weight_decay``.
         scheduler: ``{"name": "none"|"cosine"|"step", "step_size", "gamma"}``, stepped per epoch.
+        channels_last: keep conv weights and inputs in channels-last (NHWC) memory, the layout
+            GPU tensor cores prefer (``model.channels_last``); the results are the same.
+        compile: run the backbone through ``torch.compile`` (``model.compile``); parameters and
+            checkpoint keys stay those of the eager module.
 
     Example::
 
@@ -49,6 +53,8 @@ class NormLabModule(L.LightningModule):
         dropout: float = 0.0,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,6 +68,9 @@ class NormLabModule(L.LightningModule):
             activation=activation,
             dropout=dropout,
         )
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
         self.accuracy = torch.nn.ModuleDict(
             {stage: MulticlassAccuracy(num_classes) for stage in ("train_", "val_", "test_")}
         )
@@ -70,22 +79,47 @@ class NormLabModule(L.LightningModule):
         self.run_config: dict[str, Any] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self._backbone()(x.contiguous(memory_format=self.memory_format))
+
+    def _backbone(self) -> torch.nn.Module:
+        """``self.net``, or its compiled wrapper. The wrapper lives outside ``_modules`` (so
+        ``named_modules()`` and state_dict keys stay those of ``self.net``) and is rebuilt when
+        ``self.net`` is replaced (e.g. by a copy of this module)."""
+        if not self.hparams.get("compile") or self._has_hooks():
+            return self.net  # compiled code would skip hooks added after compilation
+        compiled = self.__dict__.get("_compiled_net")
+        if compiled is None or compiled._orig_mod is not self.net:
+            compiled = torch.compile(self.net)
+            self.__dict__["_compiled_net"] = compiled
+        return compiled
+
+    def _has_hooks(self) -> bool:
+        """Whether a callback (e.g. the saturation monitor) has hooked a layer of the backbone."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.net.modules())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_compiled_net", None)  # compiled code is not copied or pickled: rebuilt lazily
+        return state
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        self.accuracy["train_"](logits, labels)
+        # update(), not forward(): forward would also compute the batch's accuracy every step
+        self.accuracy["train_"].update(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.accuracy["train_"], on_step=False, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # logged once an epoch: each self.log of a Metric object moves it to the device (~1 ms)
+        self.log("train/acc", self.accuracy["train_"])
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.accuracy[f"{stage}_"](logits, labels)
-        self.mean_loss[f"{stage}_"](F.cross_entropy(logits, labels), weight=labels.numel())
+        self.accuracy[f"{stage}_"].update(logits, labels)
+        self.mean_loss[f"{stage}_"].update(F.cross_entropy(logits, labels), weight=labels.numel())
         # metric objects: Lightning computes them once per epoch, reduced over all processes
         self.log(f"{stage}/acc", self.accuracy[f"{stage}_"], prog_bar=True)
         self.log(f"{stage}/loss", self.mean_loss[f"{stage}_"])
