@@ -154,3 +154,16 @@ def test_live_batchnorm_breaks_the_equivalence(tmp_path: Path) -> None:
     # Live BatchNorm normalizes each process's B samples with their own batch statistics, so
     # the forward pass itself differs from the 2B batch's; unsynced DDP is not a bigger batch.
     assert _max_weight_difference("batchnorm", tmp_path) > 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs for real")
+def test_gpu_check_says_it_needs_a_gpu() -> None:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 2
+    assert "no CUDA GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
