@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -17,15 +17,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 log = logging.getLogger("normlab")
 
 
-class PreemptionCheckpoint(OnExceptionCheckpoint):
+class PreemptionCheckpoint(Callback):
     """Writes ``<dirpath>/last.ckpt`` when training is stopped by SIGTERM or Ctrl-C (SIGINT).
 
     Lightning's signal connector turns SIGTERM into a ``SIGTERMException`` raised at the next batch
-    boundary, and Ctrl-C into a graceful shutdown; both call ``on_exception`` first. Lightning's
-    ``OnExceptionCheckpoint`` saves on *any* exception and deletes its file at teardown; this one
-    saves only for those two interruptions during ``fit`` (a crash or a diverged loss must not
-    overwrite the last good checkpoint) and keeps the file, named ``last.ckpt`` so that
-    ``ckpt_path=last`` resumes it. It then prints on stderr how to resume.
+    boundary, and Ctrl-C into a graceful shutdown; both call ``on_exception`` first. Unlike
+    Lightning's ``OnExceptionCheckpoint`` this saves only for those two interruptions during
+    ``fit`` (a crash or a diverged loss must not overwrite the last good checkpoint) and keeps the
+    file, named ``last.ckpt`` so that ``ckpt_path=last`` resumes it; and it is not one, because
+    with an ``OnExceptionCheckpoint`` present Lightning turns ``fit(ckpt_path=None)`` into
+    ``"last"``, silently resuming whatever a reused run dir holds. It then prints on stderr how to
+    resume.
 
     Args:
         dirpath: the checkpoint directory of the run (``<run dir>/checkpoints``).
@@ -41,7 +43,9 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
-        super().__init__(str(dirpath), filename)
+        if not filename:
+            raise ValueError("PreemptionCheckpoint(filename=''): give a file name, e.g. 'last'")
+        self.ckpt_path = str(Path(dirpath) / f"{filename}.ckpt")
         self.saved: str | None = None
 
     def on_exception(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -70,7 +74,3 @@ class PreemptionCheckpoint(OnExceptionCheckpoint):
     def _report(self, message: str) -> None:
         log.warning(message)
         print(message, file=sys.stderr, flush=True)
-
-    def teardown(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        # keep the file: it is the run's last.ckpt (OnExceptionCheckpoint would delete it)
-        return
