@@ -67,6 +67,23 @@ def run_script(
     return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
 
 
+def run_sweep(
+    *overrides: str, sweep_dir: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python train.py -m overrides...`` with its sweep dir at ``sweep_dir`` and its log dir
+    beside it; ``.stdout`` / ``.stderr`` hold the output."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.log_dir={sweep_dir.parent / 'logs'}",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 @pytest.fixture
 def train_run(tmp_path: Path):
     """``train_run(*overrides, name="run")`` runs train.py with the FAST overrides first."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from normlab.models.backbone import ConvNet
 from normlab.norm import make_norm_factory, norm_has_bias
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, run_sweep
 
 DDP = [*FAST, "trainer=ddp_sim"]
 
@@ -52,16 +52,7 @@ def test_ddp_sim_run_leaves_one_run_dir_like_a_single_process_run(train_run, tmp
 @pytest.mark.slow
 def test_ddp_sim_multirun_runs_each_job_once(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        *DDP,
-        "norm=none,batchnorm",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_sweep(*DDP, "norm=none,batchnorm", sweep_dir=sweep)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep dir
     # summary.*: the parent's SweepSummary callback, once (DDP children run no multirun)

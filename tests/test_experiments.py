@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from omegaconf import OmegaConf
 
 from normlab.config import register_resolvers
 from normlab.sweep_summary import COLUMNS, SweepSummary, job_labels, main, read_curve, write_summary
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, run_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # two tiny epochs: enough for a best checkpoint and a two-point validation curve
@@ -179,19 +177,8 @@ def test_sweep_summary_rejects_a_non_boolean_png() -> None:
 @pytest.mark.slow
 def test_tiny_compare_norms_sweep_writes_summary_of_its_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "experiment=compare_norms",
-        # a command-line list replaces the experiment's five norms
-        "norm=none,batchnorm",
-        *TINY,
-        f"hydra.sweep.dir={sweep}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    # a command-line list replaces the experiment's five norms
+    proc = run_sweep("experiment=compare_norms", "norm=none,batchnorm", *TINY, sweep_dir=sweep)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     rows = read_csv(sweep / "summary.csv")
@@ -219,18 +206,7 @@ def test_tiny_compare_norms_sweep_writes_summary_of_its_jobs(tmp_path: Path) -> 
 def test_a_failing_job_does_not_stop_the_sweep_or_its_summary(tmp_path: Path) -> None:
     # batch_size=1 is refused for live BatchNorm only: job 0 fails, job 1 (norm=none) runs
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "norm=batchnorm,none",
-        *TINY,
-        "data.batch_size=1",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_sweep("norm=batchnorm,none", *TINY, "data.batch_size=1", sweep_dir=sweep)
     assert proc.returncode != 0  # the sweep as a whole reports the failure
     assert "data.batch_size" in proc.stderr
     rows = read_csv(sweep / "summary.csv")
