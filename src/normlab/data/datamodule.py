@@ -4,14 +4,14 @@ seeded split, scaling on the device."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from normlab.data.scaling import FeatureScaler, channel_stats_of_batches, resolve_scaling
+from normlab.data.scaling import FeatureScaler, resolve_scaling
 from normlab.data.sources import (
     FolderIndex,
     ImageData,
@@ -214,10 +214,9 @@ class NormLabDataModule(L.LightningDataModule):
             )
         if self.scaler is None:
             hp = self.hparams
-            if hp.scaling == "dataset":  # the training split's statistics, chunk by chunk
-                mean, std = channel_stats_of_batches(self._train_chunks())
-            else:
-                mean, std = resolve_scaling(hp.scaling, None, data.num_channels, hp.mean, hp.std)
+            # the generator is consumed (one pass over the training split) only for "dataset"
+            chunks = self._train_chunks()
+            mean, std = resolve_scaling(hp.scaling, chunks, data.num_channels, hp.mean, hp.std)
             self.scaler = FeatureScaler(mean, std)
 
     def _setup_streaming(self, index: FolderIndex) -> None:
@@ -233,14 +232,16 @@ class NormLabDataModule(L.LightningDataModule):
                 "process, between training steps; set data.num_workers to the free CPU cores"
             )
 
-    def _train_chunks(self):
+    def _train_chunks(self) -> Iterator[torch.Tensor]:
         """The training split's uint8 images, chunk by chunk (decoded in workers if streaming)."""
         train = self.splits["train"]
         if isinstance(train, InMemoryImages):
-            return train.chunks()
+            yield from train.chunks()
+            return
         loader = DataLoader(train, batch_size=256, num_workers=self.hparams.num_workers)
         log.info("data.scaling=dataset: one pass over %d streamed training images", len(train))
-        return (images for images, _ in loader)
+        for images, _ in loader:
+            yield images
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, batch_size: int, train: bool = False) -> DataLoader:

@@ -52,16 +52,17 @@ def channel_stats_of_batches(
 
 def resolve_scaling(
     mode: str,
-    train_images: torch.Tensor | None,
+    train_batches: Iterable[torch.Tensor] | None,
     num_channels: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Return the (mean, std) that ``data.scaling=mode`` means for this data."""
+    """Return the (mean, std) that ``data.scaling=mode`` means for this data. ``train_batches``
+    (uint8 chunks of the training split) is iterated only for ``dataset``, so it can be lazy."""
     if mode == "dataset":
-        if train_images is None:
+        if train_batches is None:
             raise ValueError("data.scaling=dataset needs the training split")
-        return channel_stats(train_images)
+        return channel_stats_of_batches(train_batches)
     if mode == "imagenet":
         if num_channels != 3:
             raise ValueError(f"data.scaling=imagenet needs 3 channels, the data has {num_channels}")
