@@ -72,7 +72,11 @@ class NormLabModule(L.LightningModule):
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.accuracy = torch.nn.ModuleDict(
-            {stage: MulticlassAccuracy(num_classes) for stage in ("train_", "val_", "test_")}
+            {
+                # micro: the fraction of correct predictions (torchmetrics defaults to macro)
+                stage: MulticlassAccuracy(num_classes, average="micro")
+                for stage in ("train_", "val_", "test_")
+            }
         )
         self.mean_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val_", "test_")})
         # the composed run config, stored in checkpoints so eval.py can rebuild data and model
