@@ -8,6 +8,7 @@ after saving ``checkpoints/last.ckpt`` (the shell's ``128 + signal`` convention)
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import sys
@@ -87,6 +88,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
         else:
             validate_eval_config(container)
         check_checkpoint_arg(task, cfg)
+        logging.getLogger("normlab").info("run dir: %s", Path(cfg.paths.output_dir).resolve())
         from normlab import run
 
         started = True

@@ -26,6 +26,20 @@ from normlab.utils.results import final_metrics, log_hparams, write_results
 log = logging.getLogger("normlab")
 
 
+def _print_lightning_once() -> None:
+    """``import lightning`` gives the ``lightning`` logger a console handler of its own, and its
+    messages also reach the root logger's handlers that Hydra set up: every line would be printed
+    twice. With root handlers present, Hydra's print each line once and also write the run's log
+    file."""
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning")
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+
+
+_print_lightning_once()
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group of ``_target_`` configs (callbacks, loggers)."""
     if not group:
