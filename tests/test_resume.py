@@ -127,3 +127,48 @@ def test_a_reused_run_dir_starts_fresh_unless_asked_to_resume(tmp_path) -> None:
     assert restored and not any("last.ckpt" in ln for ln in restored)  # only test's best ckpt
     assert "was called without a model" not in again.output
     assert again.results["epochs"] == 1 and "train/loss" in again.results["metrics"]
+
+
+def _lr_by_step(run_dir) -> dict[int, float]:
+    """The learning rate of the first parameter group as LearningRateMonitor logged it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tag = sorted(t for t in events.Tags()["scalars"] if t.startswith("lr-"))[0]
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["batchnorm", "frozen"])
+def test_extending_a_finished_run_equals_the_longer_run(norm: str, tmp_path) -> None:
+    # issue: the restored CosineAnnealingLR kept T_max=1, so the second epoch ran at lr 0
+    args = [*FAST, f"norm={norm}", "seed=11", "test=false", "norm.calibration_batches=5"]
+    if norm == "batchnorm":
+        args.remove("norm.calibration_batches=5")
+    short = run_script("train.py", *args, "trainer.max_epochs=1", run_dir=tmp_path / "short")
+    assert short.returncode == 0, short.output[-3000:]
+    whole = run_script("train.py", *args, "trainer.max_epochs=2", run_dir=tmp_path / "whole")
+    assert whole.returncode == 0, whole.output[-3000:]
+    extended = run_script(
+        "train.py",
+        *args,
+        "trainer.max_epochs=2",
+        f"ckpt_path={short.run_dir / 'checkpoints' / 'last.ckpt'}",
+        run_dir=tmp_path / "extended",
+    )
+    assert extended.returncode == 0, extended.output[-3000:]
+    assert "CosineAnnealingLR follows this command (T_max: 1 -> 2)" in extended.output
+
+    # cosine over 2 epochs, from its definition: epoch 1 runs at lr0 * (1 + cos(pi / 2)) / 2
+    lr0 = 0.003  # configs/model/cnn.yaml
+    whole_lr, extended_lr = _lr_by_step(whole.run_dir), _lr_by_step(extended.run_dir)
+    assert sorted(whole_lr.values()) == pytest.approx([lr0 / 2, lr0])
+    assert list(extended_lr.values()) == pytest.approx([lr0 / 2])
+
+    a = _state_dict(whole.run_dir / "checkpoints" / "last.ckpt")
+    b = _state_dict(extended.run_dir / "checkpoints" / "last.ckpt")
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff <= 1e-6, f"max abs difference {diff}"
+    first = _state_dict(short.run_dir / "checkpoints" / "last.ckpt")
+    assert max((a[k].double() - first[k].double()).abs().max().item() for k in a) > 1e-3
