@@ -7,6 +7,7 @@ loggers and Trainer from it, run, and write ``results.json`` into the run dir.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # download (data.download=true) before num_classes below reads the data; DDP ranks > 0
+        # start later, from trainer.fit, when the files are there
+        datamodule.prepare_data()
 
     log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
     model = instantiate(

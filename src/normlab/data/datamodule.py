@@ -170,9 +170,11 @@ class NormLabDataModule(L.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        # called on one process per node: the only place that may download
-        if self.hparams.download:
-            self._load(download=True)
+        """Download the data set if ``download`` is set (Lightning calls this on one process per
+        node; ``run.train`` calls it before the model is sized from the data). Keeps what it
+        loaded, so the data set is read once."""
+        if self.hparams.download and self.data is None:
+            self.data = self._load(download=True)
 
     def load(self) -> ImageData | FolderIndex:
         """Load the data set once (cached); also called before setup to size the model."""

@@ -138,6 +138,13 @@ def _fixes(name: str, where: Path) -> str:
     )
 
 
+def _download_urls(cls: Any) -> list[str]:
+    """Where torchvision downloads ``cls`` from (its first mirror for MNIST-like sets)."""
+    if hasattr(cls, "mirrors"):
+        return [f"{cls.mirrors[0]}{filename}" for filename, _ in cls.resources]
+    return [cls.url] if hasattr(cls, "url") else []
+
+
 def _torchvision_splits(name: str, cls: Any, root: Path, download: bool, where: Path, files: str):
     """Instantiate a torchvision data set for train and test; translate its errors."""
     try:
@@ -153,8 +160,9 @@ def _torchvision_splits(name: str, cls: Any, root: Path, download: bool, where: 
         if download:
             raise DataSourceError(
                 f"data.name={name}: downloading into {where} failed (data.download=true, "
-                f"data.data_dir={root}): {str(err).strip().splitlines()[0]}. Without network, "
-                f"copy the files {files} into {where} and set data.download=false."
+                f"data.data_dir={root}): {str(err).strip().splitlines()[0]} (tried "
+                f"{', '.join(_download_urls(cls))}). Without network, download them on another "
+                f"machine, copy the files {files} into {where} and set data.download=false."
             ) from err
         raise
     return train, test
