@@ -46,15 +46,17 @@ def run_script(
     run_dir: Path,
     timeout: float = 300,
     env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> Run:
     """Run ``python <script> overrides...`` from the repo root with its run dir at ``run_dir``
-    and its log dir beside it; returns the exit code, output and run dir."""
+    and its log dir at ``log_dir`` (default: beside it); returns the exit code, output and run
+    dir."""
     cmd = [
         sys.executable,
         str(ROOT / script),
         *overrides,
         f"hydra.run.dir={run_dir}",
-        f"paths.log_dir={run_dir.parent / 'logs'}",
+        f"paths.log_dir={log_dir or run_dir.parent / 'logs'}",
     ]
     proc = subprocess.run(
         cmd,

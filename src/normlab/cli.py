@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from normlab.config import validate_eval_config, validate_train_config
 from normlab.errors import ConfigError, NormlabError
 
+log = logging.getLogger("normlab")
+
 
 def _discard_empty_run_dir(cfg: DictConfig) -> None:
     """A run that never started leaves nothing behind: remove its dir if it holds only the
@@ -34,19 +36,35 @@ def _discard_empty_run_dir(cfg: DictConfig) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def check_checkpoint_arg(task: str, cfg: DictConfig) -> None:
-    """Fail before the heavy imports when ``ckpt_path`` cannot be used: ``last`` with no earlier
-    run of this task_name, or a file that ``torch.load(weights_only=True)`` cannot read as a
-    normlab checkpoint."""
-    from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
+def check_checkpoint_arg(task: str, cfg: DictConfig, container: dict[str, Any]) -> None:
+    """Fail before the heavy imports when ``ckpt_path`` cannot be used: a file that
+    ``torch.load(weights_only=True)`` cannot read as a normlab checkpoint, or (train.py) one that
+    holds another model than the command builds, or has nothing left to train. ``last`` is
+    resolved here, once, to the checkpoint it picks, and the log says which and why."""
+    from normlab.utils.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
         return
-    if task == "train" and ckpt_path == "last":
-        find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name, Path(cfg.paths.output_dir))
-    else:
+    if task != "train":
         load_checkpoint(ckpt_path)
+        return
+    if ckpt_path == "last":
+        task_dir = Path(cfg.paths.log_dir) / cfg.task_name
+        path, passed_over = find_last_checkpoint(
+            task_dir, Path(cfg.paths.output_dir), current=container
+        )
+        for line in passed_over:
+            log.warning("ckpt_path=last: passed over %s", line)
+        log.info(
+            "ckpt_path=last: resuming %s, the newest last.ckpt under %s that holds this"
+            " command's model",
+            path,
+            task_dir,
+        )
+        cfg.ckpt_path = str(path)
+        return
+    check_resumable(load_checkpoint(ckpt_path), Path(ckpt_path), container)
 
 
 def _interrupt_signal(exc: SystemExit) -> int | None:
@@ -87,8 +105,8 @@ def run_task(task: str, cfg: DictConfig) -> Any:
             validate_train_config(container)
         else:
             validate_eval_config(container)
-        check_checkpoint_arg(task, cfg)
-        logging.getLogger("normlab").info("run dir: %s", Path(cfg.paths.output_dir).resolve())
+        check_checkpoint_arg(task, cfg, container)
+        log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
         from normlab import run
 
         started = True

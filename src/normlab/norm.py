@@ -280,6 +280,26 @@ def convert_to_frozen(module: nn.Module, freeze_affine: bool = False) -> nn.Modu
     return _convert(module, swap)
 
 
+def frozen_layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's ``FrozenBatchNorm2d`` layers (saved in checkpoints)."""
+    return [name for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)]
+
+
+def freeze_named_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Convert the BatchNorm layers called ``names`` (from ``named_modules()``) to bit-exact
+    ``FrozenBatchNorm2d`` in place, e.g. those a checkpoint lists as frozen. Returns the names
+    converted now (layers already frozen, or absent, are skipped)."""
+    modules = dict(model.named_modules())
+    converted = []
+    for name in names:
+        layer = modules.get(name)
+        if isinstance(layer, nn.BatchNorm2d | nn.SyncBatchNorm) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name], child, FrozenBatchNorm2d.from_batchnorm(layer))
+            converted.append(name)
+    return converted
+
+
 def convert_to_batchnorm(module: nn.Module, momentum: float | None = 0.1) -> nn.Module:
     """Inverse of :func:`convert_to_frozen`: every ``FrozenBatchNorm2d`` becomes a bit-exact
     ``nn.BatchNorm2d`` (trainable gamma/beta, same device and dtype) with ``momentum``."""

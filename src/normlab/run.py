@@ -21,7 +21,7 @@ from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import NormlabError
-from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
+from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 
 log = logging.getLogger("normlab")
@@ -97,10 +97,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))
     prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path == "last":
-        ckpt_path = str(find_last_checkpoint(Path(cfg.paths.log_dir) / cfg.task_name, run_dir))
-        log.info("resuming from the newest last.ckpt of task %s: %s", cfg.task_name, ckpt_path)
+    ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -146,8 +143,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         datamodule.load_state_dict(state)  # the training split's scaling statistics
 
     model = NormLabModule(**checkpoint["hyper_parameters"])
+    model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
-    model.run_config = saved
 
     trainer = build_trainer(cfg, callbacks=[])
     trainer.test(model, datamodule=datamodule)

@@ -6,6 +6,7 @@ import logging
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
 
 from normlab.callbacks._batches import TrainingBatches
 from normlab.errors import CheckpointError
@@ -69,7 +70,8 @@ class FrozenBNCalibration(Callback):
 
     def _load(self, pl_module: L.LightningModule, frozen: list[str]) -> str:
         own = pl_module.state_dict()
-        matching = {k: v for k, v in self._source.items() if k in own and own[k].shape == v.shape}
+        source, folded = fold_dropped_biases(self._source, pl_module, self.init_from)
+        matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         missing = [
             n for n in frozen if not {f"{n}.running_mean", f"{n}.running_var"} <= set(matching)
         ]
@@ -84,6 +86,7 @@ class FrozenBNCalibration(Callback):
         return (
             f"frozen BatchNorm: statistics and weights ({len(matching)} tensors) from"
             f" norm.init_from={self.init_from}"
+            + (f"; conv biases folded into running_mean: {folded}" if folded else "")
             + (f"; kept initial values of {skipped}" if skipped else "")
         )
 
@@ -97,3 +100,47 @@ class FrozenBNCalibration(Callback):
             f" training batches (precise BN, norm.calibration_batches={self.num_batches});"
             f" largest change from the initial zeros/ones: {moved:.4f}"
         )
+
+
+def fold_dropped_biases(
+    source: dict[str, Tensor], model: nn.Module, init_from: str | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Fold the biases of ``source``'s convolutions into the running statistics of the frozen
+    layers they feed, where ``model``'s convolution has no bias (a run with ``norm.affine=false``
+    keeps conv biases; a ``norm=frozen`` model has none, since its beta takes their place).
+
+    Exact: a frozen layer computes ``(y - running_mean) * scale + shift`` on ``y = conv(x) + b``,
+    the same as on ``conv(x)`` with ``running_mean - b``. The layer fed is the next
+    ``FrozenBatchNorm2d`` after the convolution in ``named_modules()`` order with as many
+    channels. Returns the new state dict (``source`` is not changed) and the folded keys.
+
+    Raises:
+        CheckpointError: a dropped bias feeds no frozen layer it could be folded into.
+    """
+    modules = list(model.named_modules())
+    index = {name: i for i, (name, _) in enumerate(modules)}
+    out, folded = dict(source), []
+    for key, bias in source.items():
+        conv_name = key.removesuffix(".bias")
+        conv = dict(modules).get(conv_name) if key.endswith(".bias") else None
+        if not isinstance(conv, nn.modules.conv._ConvNd) or conv.bias is not None:
+            continue
+        consumer = next(
+            (
+                name
+                for name, m in modules[index[conv_name] + 1 :]
+                if isinstance(m, FrozenBatchNorm2d) and m.num_features == bias.numel()
+            ),
+            None,
+        )
+        if consumer is None or f"{consumer}.running_mean" not in source:
+            raise CheckpointError(
+                f"norm.init_from={init_from} has a bias for {conv_name}, which this model's"
+                " convolution lacks, and no frozen layer after it to fold the bias into; give a"
+                " checkpoint of a run with norm.affine=true, or norm.init_from=null."
+            )
+        out[f"{consumer}.running_mean"] = out[f"{consumer}.running_mean"] - bias.to(
+            out[f"{consumer}.running_mean"]
+        )
+        folded.append(key)
+    return out, folded

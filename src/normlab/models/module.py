@@ -4,6 +4,7 @@ say. Its hyperparameters are plain data, so every checkpoint loads with ``weight
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,8 +16,15 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from normlab.models.backbone import ConvNet
-from normlab.norm import make_norm_factory, norm_has_bias, param_groups
+from normlab.norm import (
+    freeze_named_layers,
+    frozen_layer_names,
+    make_norm_factory,
+    norm_has_bias,
+    param_groups,
+)
 
+log = logging.getLogger("normlab")
 CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's composed config
 
 
@@ -161,7 +169,18 @@ class NormLabModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"format": 1, "config": self.run_config}
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "config": self.run_config,
+            # which layers are frozen is part of the model's state (norm.freeze_at_epoch)
+            "frozen_layers": frozen_layer_names(self),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = (checkpoint.get(CHECKPOINT_KEY) or {}).get("config", self.run_config)
+        entry = checkpoint.get(CHECKPOINT_KEY) or {}
+        self.run_config = entry.get("config", self.run_config)
+        # before the weights load: a layer frozen in the checkpoint stays frozen, whatever the
+        # command line says (a run resumed past norm.freeze_at_epoch without repeating it)
+        frozen = freeze_named_layers(self, entry.get("frozen_layers", []))
+        if frozen:
+            log.info("checkpoint: %d BatchNorm layers frozen as in the checkpoint", len(frozen))
