@@ -213,3 +213,10 @@ def test_a_failing_job_does_not_stop_the_sweep_or_its_summary(tmp_path: Path) ->
     assert [(r["job"], r["norm"]) for r in rows] == [("0", "batchnorm"), ("1", "none")]
     assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "ok"
     assert (sweep / "1" / "results.json").is_file()
+
+
+def test_debug_overrides_an_experiments_trainer_settings() -> None:
+    # debug is last in the defaults list: debug=limit wins over experiment's max_epochs=5
+    cfg = compose_with_hydra("experiment=sigmoid_saturation", "debug=limit")
+    assert cfg.trainer.max_epochs == 2 and cfg.trainer.limit_train_batches == 4
+    assert cfg.model.activation == "sigmoid"  # the rest of the experiment still applies

@@ -42,6 +42,11 @@ def test_train_each_norm(norm: str, train_run) -> None:
     keys = ckpt["state_dict"].keys()
     has_stats = any(k.endswith("running_mean") for k in keys)
     assert has_stats == (norm in ("batchnorm", "frozen"))
+    # the console: the run dir first, each Lightning line once (it has a handler of its own)
+    lines = run.output.splitlines()
+    assert f"run dir: {run.run_dir}" in lines[0]
+    assert sum("`Trainer.fit` stopped" in line for line in lines) == 1
+    assert sum("Seed set to 0" in line for line in lines) == 1
 
 
 def test_eval_reproduces_test_accuracy_and_seed_zero_repeats(train_run, tmp_path: Path) -> None:
