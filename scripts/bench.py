@@ -1,11 +1,14 @@
 """Benchmark normlab against a plain PyTorch loop and torchvision's data pipeline, in one process.
 
     python scripts/bench.py [--json PATH] [--quick] [--docs PATH] [--knobs]
+    python scripts/bench.py --process [--repeats N] [--json PATH]
 
 Prints a table and, with --json, writes the figures (template_vs_plain, bn_logging_overhead,
 datapath_speedup, peak_rss_mib, help_latency_s, details); --docs PATH writes the Markdown page
 (docs/benchmarks.md is generated this way). Ratios come from variants run side by side in this
 process, in rotating order, as medians of paired repeats: the machine may be noisy.
+--process instead times whole processes side by side: `python train.py` against
+scripts/plain_train.py, the same job in plain PyTorch (wall and CPU time, medians, A B A B).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, help="write the Markdown page (docs/benchmarks.md)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (~3 min)")
     parser.add_argument("--knobs", action="store_true", help="time channels_last/bf16/compile")
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help="only the whole-process comparison with scripts/plain_train.py (~10 min)",
+    )
     parser.add_argument("--steps", type=int, help="training steps a run (default 105, quick 45)")
     parser.add_argument("--repeats", type=int, help="rounds of the training variants (5, quick 3)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
@@ -287,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.process:
+        return whole_process(args)
     import lightning  # noqa: F401 - first, so that its loggers exist and can be quietened
     import torch
 
@@ -314,6 +324,24 @@ def main(argv: list[str] | None = None) -> int:
 
         args.docs.write_text(render(results, table(results)))
     return 0 if all(results["passed"].values()) else 1
+
+
+def whole_process(args: argparse.Namespace) -> int:
+    import _bench_process
+
+    with tempfile.TemporaryDirectory(prefix="normlab-bench-") as tmp:
+        jobs = _bench_process.compare(Path(tmp), repeats=args.repeats or 3)
+    results = {
+        "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "whole_process": jobs,
+    }
+    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(_bench_process.table(jobs))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(j["wall_ratio"] <= j["target"] for j in jobs.values()) else 1
 
 
 if __name__ == "__main__":
