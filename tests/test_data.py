@@ -84,15 +84,17 @@ def test_statistics_travel_in_the_state_dict() -> None:
 
 
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:
-    dm = make_dm(seed=3)
-
-    def first_labels(epoch: int) -> list[int]:
-        loader = dm.train_dataloader()
+    def order(seed: int, epoch: int) -> list[int]:
+        loader = make_dm(seed=seed).train_dataloader()  # a new DataModule each time
         loader.sampler.set_epoch(epoch)
-        return next(iter(loader))[1].tolist()
+        return [int(i) for batch in loader.batch_sampler for i in batch]
 
-    assert first_labels(0) == first_labels(0)
-    assert first_labels(0) != first_labels(1)
+    n = len(make_dm().splits["train"])
+    assert sorted(order(3, 0)) == list(range(n))  # every training image once per epoch
+    assert order(3, 0) == order(3, 0)  # two DataModules, one seed and epoch: one order
+    assert order(3, 0) != order(3, 1)  # the next epoch reshuffles
+    assert order(3, 0) != order(4, 0)  # the seed decides the order
+    assert order(0, 0) != order(42, 0)  # seed 0 is a seed like any other
 
 
 def test_last_batch_of_one_sample_is_dropped() -> None:

@@ -308,8 +308,8 @@ def test_batchnorm_run_resumed_moves_statistics_until_frozen(runs) -> None:
 def test_resume_past_freeze_epoch_is_frozen(runs) -> None:
     epoch2 = load_state(runs("bn_resumed").run_dir / "checkpoints" / "epoch_002.ckpt")
     run = runs("bn_frozen_resumed")
-    # the checkpoint's BatchNorm keys loaded into BatchNorm layers, converted before epoch 3
-    assert "epoch 3: BatchNorm statistics frozen (norm.freeze_at_epoch=2): 2 layers" in run.output
+    # the checkpoint lists its frozen layers: they are frozen again before its weights load
+    assert "2 BatchNorm layers frozen as in the checkpoint" in run.output
     epoch3 = load_state(run.run_dir / "checkpoints" / "last.ckpt")
     for name in bn_names(epoch2):
         for stat in STATS:
@@ -364,3 +364,47 @@ def test_init_from_not_a_checkpoint_fails_before_training(train_run, tmp_path: P
     assert run.returncode == 2
     assert "norm.init_from=" in run.stderr and "is not a normlab checkpoint" in run.stderr
     assert not run.run_dir.exists()  # nothing half-written
+
+
+def test_precise_bn_uses_the_current_epochs_batches() -> None:
+    """Before epoch 1's validation, the first layer's running statistics are the mean and
+    (unbiased) variance of its input over the first 2 batches of epoch 1's order, computed here
+    from the definition: the sampler's permutation by hand, all values pooled at once."""
+    from lightning.pytorch.callbacks import Callback
+
+    from normlab.callbacks import PreciseBN
+
+    torch.manual_seed(0)
+    datamodule, model = tiny_data(seed=5), tiny_model({"name": "batchnorm"})
+
+    def expected_stats(pl_module, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        train = datamodule.splits["train"]
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch)
+        )
+        rows = order[: 2 * datamodule.hparams.batch_size]
+        images = datamodule.scaler(train.images[rows])
+        with torch.no_grad():
+            y = pl_module.net.features[0](images).double()  # the conv feeding net.features.1
+        return y.mean((0, 2, 3)), y.transpose(0, 1).reshape(y.shape[1], -1).var(1, unbiased=True)
+
+    class Probe(Callback):
+        seen: dict[int, tuple] = {}
+
+        def on_validation_start(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            layer = pl_module.net.features[1]
+            self.seen[trainer.current_epoch] = (
+                layer.running_mean.double().clone(),
+                layer.running_var.double().clone(),
+                expected_stats(pl_module, trainer.current_epoch),
+                expected_stats(pl_module, 0),
+            )
+
+    probe = Probe()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[PreciseBN(2), probe])
+    trainer.fit(model, datamodule=datamodule)
+    mean, var, (want_mean, want_var), (epoch0_mean, _) = probe.seen[1]
+    assert torch.allclose(mean, want_mean, atol=1e-5) and torch.allclose(var, want_var, atol=1e-5)
+    assert (epoch0_mean - want_mean).abs().max() > 1e-3  # epoch 0's batches would differ

@@ -49,7 +49,9 @@ def test_train_each_norm(norm: str, train_run) -> None:
     assert sum("Seed set to 0" in line for line in lines) == 1
 
 
-def test_eval_reproduces_test_accuracy_and_seed_zero_repeats(train_run, tmp_path: Path) -> None:
+def test_a_checkpoint_is_tested_as_trained_and_seed_zero_is_a_seed(train_run, tmp_path) -> None:
+    """train -> eval.py -> train=false ckpt_path=: the same checkpoint, the same test/acc; the
+    scaling statistics come from the checkpoint; seed=0 repeats itself and differs from 42."""
     first = train_run("seed=0", name="first")
     assert first.returncode == 0, first.output[-3000:]
     results = assert_run_dir(first.run_dir)
@@ -57,16 +59,36 @@ def test_eval_reproduces_test_accuracy_and_seed_zero_repeats(train_run, tmp_path
 
     evaluated = run_script("eval.py", f"ckpt_path={best}", "trainer=cpu", run_dir=tmp_path / "ev")
     assert evaluated.returncode == 0, evaluated.output[-3000:]
-    eval_results = evaluated.results
-    assert abs(eval_results["metrics"]["test/acc"] - results["metrics"]["test/acc"]) <= 0.005
-    assert eval_results["evaluated"] == best
+    assert evaluated.results["metrics"]["test/acc"] == results["metrics"]["test/acc"]
+    assert evaluated.results["evaluated"] == best
 
-    # seed=0 is honoured: the same seed gives the same weights, bit for bit
+    # train=false tests the checkpoint it is given, not freshly initialised weights
+    tested = train_run("train=false", f"ckpt_path={best}", name="tested")
+    assert tested.returncode == 0, tested.output[-3000:]
+    assert tested.results["metrics"]["test/acc"] == results["metrics"]["test/acc"]
+    assert "val/acc" not in tested.results["metrics"]
+
+    # eval.py scales with the checkpoint's statistics: other statistics, another accuracy
+    checkpoint = torch.load(best, weights_only=True)
+    state = checkpoint["NormLabDataModule"]
+    state["mean"] = [m + 0.5 for m in state["mean"]]
+    torch.save(checkpoint, tmp_path / "rescaled.ckpt")
+    rescaled = run_script(
+        "eval.py", f"ckpt_path={tmp_path / 'rescaled.ckpt'}", "trainer=cpu", run_dir=tmp_path / "r"
+    )
+    assert rescaled.returncode == 0, rescaled.output[-3000:]
+    assert abs(rescaled.results["metrics"]["test/acc"] - results["metrics"]["test/acc"]) > 0.05
+
+    # seed=0 is honoured: the same seed gives the same weights, bit for bit, and seed 42 others
     second = train_run("seed=0", name="second")
-    assert second.returncode == 0, second.output[-3000:]
-    a = torch.load(first.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(second.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    other = train_run("seed=42", name="other")
+    assert second.returncode == 0 and other.returncode == 0, other.output[-3000:]
+    a, b, c = (
+        torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for run in (first, second, other)
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_unknown_norm_fails_at_once_listing_norms(train_run) -> None:
@@ -84,12 +106,3 @@ def test_missing_offline_data_is_one_clear_paragraph(train_run, tmp_path: Path) 
     assert "normlab: error:" in run.stderr and "Traceback" not in run.stderr
     assert str(empty) in run.stderr and "data.download=true" in run.stderr
     assert not run.run_dir.exists() or not (run.run_dir / "results.json").exists()
-
-
-def test_train_false_tests_a_given_checkpoint(train_run) -> None:
-    first = train_run(name="trained")
-    assert first.returncode == 0, first.output[-3000:]
-    last = first.run_dir / "checkpoints" / "last.ckpt"
-    run = train_run("train=false", f"ckpt_path={last}", name="tested")
-    assert run.returncode == 0, run.output[-3000:]
-    assert "test/acc" in run.results["metrics"] and "val/acc" not in run.results["metrics"]

@@ -21,9 +21,9 @@ class FreezeBatchNorm(Callback):
     train/test inconsistency). gamma/beta keep training: the frozen layers hold the very
     ``Parameter`` objects the optimizer was built with, so its state carries on.
 
-    Resuming a run past ``at_epoch`` freezes again at the start of the resumed epoch, with the
-    statistics the checkpoint holds (its keys are BatchNorm's, so they load into the BatchNorm
-    layers the model is rebuilt with, which are then converted before the first step).
+    A resumed run stays frozen: the checkpoint lists its frozen layers, and the LightningModule
+    freezes them again before the weights load (also when the resuming command does not repeat
+    ``norm.freeze_at_epoch``).
 
     Logs: an info line at the conversion, and ``norm/frozen`` (0 before, 1 from ``at_epoch`` on)
     once per epoch. Under DDP the frozen statistics are broadcast from rank 0, so ranks agree.
