@@ -20,6 +20,7 @@ from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import NormlabError
+from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 
@@ -40,7 +41,14 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
     loggers = _instantiate_all(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    # checkpoints written beside their target, atomically (kill / full disk keep the old one)
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        _convert_="all",
+    )
 
 
 def accelerator_name(trainer: L.Trainer) -> str:
