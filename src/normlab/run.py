@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
+from normlab.config import trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import NormlabError
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
@@ -41,14 +42,16 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
     loggers = _instantiate_all(cfg.get("logger"))
-    # checkpoints written beside their target, atomically (kill / full disk keep the old one)
-    return instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
-        _convert_="all",
-    )
+    try:  # checkpoints written beside their target, atomically (kill / full disk keep the old one)
+        return instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+            _convert_="all",
+        )
+    except InstantiationException as err:  # a trainer.* value Lightning rejects: a user error
+        raise trainer_error(cfg.trainer, err.__cause__ or err) from None
 
 
 def accelerator_name(trainer: L.Trainer) -> str:
@@ -69,6 +72,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    datamodule.check_usable(train=cfg.train, test=cfg.test)  # classes, a training step, a test
 
     log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
     model = instantiate(
@@ -93,6 +97,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.global_step == 0:  # e.g. trainer.limit_train_batches rounding to 0 batches
+            raise NormlabError(
+                "training took no optimizer step (no training batch ran; see trainer.limit_"
+                "train_batches and data.batch_size), so there is no trained model to test or save"
+            )
     fit_metrics = final_metrics(trainer)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -109,6 +118,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         log_hparams(trainer, cfg, metrics)
         extra = {
             "task_name": cfg.task_name,
+            "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
@@ -128,7 +138,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     saved = checkpoint["normlab"]["config"]
 
     data_cfg = dict(saved["data"])
-    data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
+    overrides = {k: v for k, v in (cfg.get("data") or {}).items() if v is not None}
+    if "batch_size" in overrides:  # eval.py's data.batch_size is the test loader's batch size
+        overrides["eval_batch_size"] = overrides.pop("batch_size")
+    data_cfg.update(overrides)
     datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
@@ -147,7 +160,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             run_dir,
             metrics,
             {"best": str(cfg.ckpt_path), "last": None},
-            extra={"task_name": cfg.task_name, "evaluated": str(cfg.ckpt_path)},
+            extra={
+                "task_name": cfg.task_name,
+                "tags": list(cfg.get("tags") or []),
+                "evaluated": str(cfg.ckpt_path),
+            },
         )
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics
