@@ -7,13 +7,17 @@ The runs are independent, so the module fixture starts them all at once (a few a
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, Run, run_script
+from tests.conftest import FAST, ROOT, Run, run_script
 
 # (id, script, overrides, exit status, substrings the output must contain)
 # "{tmp}" in an override is replaced by a per-case scratch dir holding the files made below.
@@ -235,3 +239,66 @@ def test_bad_input_in_process(case: tuple, tmp_path: Path, capsys) -> None:
         assert list(run_dir.rglob("results.json")) + list(run_dir.rglob("*.ckpt")) == []
     else:  # nothing ran: no run dir at all
         assert not run_dir.exists()
+
+
+# -- before Hydra creates anything: an unwritable run dir, a SLURM launcher without SLURM -------
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A directory nobody may write: a read-only tmpfs as root (permission bits do not stop
+    root), else a directory without write permission."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() == 0:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)])
+        if proc.returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs")
+        yield where
+        subprocess.run(["umount", str(where)], check=False)
+    else:
+        where.chmod(0o500)
+        yield where
+        where.chmod(0o700)
+
+
+def _entry_point(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_unwritable_log_dir_is_one_paragraph(read_only_dir: Path) -> None:
+    proc = _entry_point("trainer=cpu", f"paths.log_dir={read_only_dir}/logs")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{read_only_dir}/logs/train/runs/" in lines[0]
+    assert "cannot be created" in lines[0] and "set paths.log_dir to a writable" in lines[0]
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_slurm_launcher_without_slurm(tmp_path: Path) -> None:
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has SLURM")
+    sweep = tmp_path / "sweep"
+    proc = _entry_point("-m", "hydra/launcher=slurm", "trainer=cpu", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hydra/launcher=slurm" in lines[0] and "sbatch" in lines[0]
+    assert 'pip install -e ".[slurm]"' in lines[0]
+    assert not sweep.exists()
+
+
+def test_slurm_launcher_without_the_extra(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import importlib.util
+
+    from normlab.preflight import check_launcher_installed
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    check_launcher_installed(["norm=none"])  # no SLURM asked for: nothing to say
+    with pytest.raises(SystemExit) as info:
+        check_launcher_installed(["-m", "hydra/launcher=slurm", "norm=none"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: hydra/launcher=slurm needs the SLURM extra")
+    assert 'pip install -e ".[slurm]"' in err and err.count("\n") == 1

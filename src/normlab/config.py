@@ -293,6 +293,15 @@ def _train_or_test(cfg: Mapping[str, Any]) -> None:
         )
 
 
+def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config eval.py tests with: the checkpoint's saved one, with eval.py's non-null
+    ``data.*`` keys on top; eval.py's ``data.batch_size`` is the test loader's batch size."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "batch_size" in given:
+        given["eval_batch_size"] = given.pop("batch_size")
+    return {**saved, **given}
+
+
 def validate_train_config(cfg: Mapping[str, Any]) -> None:
     """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
     seed = cfg.get("seed")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
-from normlab.config import trainer_error
+from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import NormlabError
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
@@ -137,11 +137,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint["normlab"]["config"]
 
-    data_cfg = dict(saved["data"])
-    overrides = {k: v for k, v in (cfg.get("data") or {}).items() if v is not None}
-    if "batch_size" in overrides:  # eval.py's data.batch_size is the test loader's batch size
-        overrides["eval_batch_size"] = overrides.pop("batch_size")
-    data_cfg.update(overrides)
+    data_cfg = eval_data_config(saved["data"], cfg.get("data") or {})
     datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
