@@ -2,7 +2,10 @@
 must end with a one-paragraph message that names the key or file and the fix, a non-zero exit
 status, no traceback, and no results.json or checkpoint left behind.
 
-The runs are independent, so the module fixture starts them all at once (a few at a time)."""
+The runs are independent, so the module fixture starts them all at once (a few at a time).
+Mistakes that need no subprocess to show it (config values, data the DataModule refuses) are in
+a second table, IN_PROCESS, that calls the entry points' ``run_task`` directly; the checks that
+run before Hydra creates the run dir (normlab/preflight.py) have their own tests at the end."""
 
 from __future__ import annotations
 

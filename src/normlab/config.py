@@ -257,10 +257,18 @@ def validate_eval_config(cfg: Mapping[str, Any]) -> None:
     if ckpt_path is None:
         raise ConfigError("ckpt_path", None, "eval.py needs the path of a .ckpt file")
     validate_ckpt_path(ckpt_path)
+    _seed(cfg.get("seed"))
     data = cfg.get("data") or {}
     if data.get("batch_size") is not None:
         _number(data, "batch_size", "data", kind=int, low=1)
     validate_trainer({**cfg["trainer"], "max_epochs": 1})  # max_epochs is unused by eval
+
+
+def _seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            "seed", seed, f"expected a non-negative integer up to {MAX_SEED} (0 is fine)"
+        )
 
 
 def _train_or_test(cfg: Mapping[str, Any]) -> None:
@@ -304,11 +312,7 @@ def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 def validate_train_config(cfg: Mapping[str, Any]) -> None:
     """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(
-            "seed", seed, f"expected a non-negative integer up to {MAX_SEED} (0 is fine)"
-        )
+    _seed(cfg.get("seed"))
     _train_or_test(cfg)
     validate_data(cfg["data"])
     validate_model(cfg["model"])
