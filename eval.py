@@ -5,6 +5,7 @@ checkpoint itself; trainer, logger and `data.data_dir` / `data.batch_size` can b
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("NORMLAB_ROOT", str(Path(__file__).resolve().parent))
 
 from normlab.config import register_resolvers  # noqa: E402
+from normlab.preflight import check_launcher_installed  # noqa: E402
 
 register_resolvers()
 
@@ -26,4 +28,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_launcher_installed(sys.argv[1:])  # before Hydra composes a launcher it cannot find
     main()

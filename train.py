@@ -5,6 +5,7 @@ after the config is composed and validated, so help and config errors answer fas
 """
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 os.environ.setdefault("NORMLAB_ROOT", str(Path(__file__).resolve().parent))
 
 from normlab.config import register_resolvers  # noqa: E402
+from normlab.preflight import check_launcher_installed  # noqa: E402
 
 register_resolvers()
 
@@ -27,4 +29,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_launcher_installed(sys.argv[1:])  # before Hydra composes a launcher it cannot find
     main()

@@ -2,18 +2,25 @@
 must end with a one-paragraph message that names the key or file and the fix, a non-zero exit
 status, no traceback, and no results.json or checkpoint left behind.
 
-The runs are independent, so the module fixture starts them all at once (a few at a time)."""
+The runs are independent, so the module fixture starts them all at once (a few at a time).
+Mistakes that need no subprocess to show it (config values, data the DataModule refuses) are in
+a second table, IN_PROCESS, that calls the entry points' ``run_task`` directly; the checks that
+run before Hydra creates the run dir (normlab/preflight.py) have their own tests at the end."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, Run, run_script
+from tests.conftest import FAST, ROOT, Run, run_script
 
 # (id, script, overrides, exit status, substrings the output must contain)
 # "{tmp}" in an override is replaced by a per-case scratch dir holding the files made below.
@@ -135,3 +142,166 @@ def test_divergence_guard_rejects_bad_args() -> None:
         DivergenceGuard(check_every_n_steps=0)
     with pytest.raises(ValueError, match="expected an integer"):
         DivergenceGuard(check_every_n_steps=1.5)  # type: ignore[arg-type]
+
+
+# -- in process: the same run_task the entry points call, without a subprocess per case ----------
+# (id, overrides, what the data dir {tmp} holds, substrings of the one-paragraph error)
+# fmt: off
+IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
+    # wrong results that used to end with exit 0
+    ("train_false_no_ckpt", ["train=false"], "",
+     ["train=False", "ckpt_path is not set", "eval.py"]),
+    ("test_fraction_zero", ["data.test_fraction=0"], "",
+     ["data.test_fraction=0", "no official test split", "test=false"]),
+    ("custom_std_inf", ["data.scaling=custom", "data.mean=[0.5]", "data.std=[inf]"], "",
+     ["data.std=[inf]", "finite number"]),
+    ("custom_mean_nan", ["data.scaling=custom", "data.mean=[nan]", "data.std=[0.3]"], "",
+     ["data.mean=[nan]", "finite number"]),
+    ("folder_three_images", ["data=imagefolder", "data.data_dir={tmp}"], "three",
+     ["training split holds 1 image(s) of 3", "data.data_dir", "data.val_fraction"]),
+    ("folder_test_fraction_zero", ["data=imagefolder", "data.data_dir={tmp}",
+     "data.test_fraction=0"], "ok", ["no test split", "data.test_fraction=0", "test=false"]),
+    ("folder_empty_class", ["data=imagefolder", "data.data_dir={tmp}"], "empty_class",
+     ["class folder(s) without images", "/owl", "remove them"]),
+    # values that ended in a traceback
+    ("lr_nan", ["model.optimizer.lr=nan"], "", ["model.optimizer.lr=nan", "finite"]),
+    ("dropout_nan", ["model.dropout=nan"], "", ["model.dropout=nan", "finite"]),
+    ("val_fraction_nan", ["data.val_fraction=nan"], "", ["data.val_fraction=nan", "finite"]),
+    ("clip_nan", ["trainer.gradient_clip_val=nan"], "", ["trainer.gradient_clip_val=nan"]),
+    ("weight_decay_nan", ["model.optimizer.weight_decay=nan"], "",
+     ["model.optimizer.weight_decay=nan", "finite"]),
+    ("seed_too_big", ["seed=4294967296"], "", ["seed=4294967296", "up to 4294967295"]),
+    ("split_seed_text", ["data.split_seed=abc"], "", ["data.split_seed='abc'", "integer"]),
+    ("fractions_leave_nothing", ["data.val_fraction=0.9", "data.test_fraction=0.9"], "",
+     ["data.val_fraction=0.9", "no training split", "below 1"]),
+    ("image_size_zero", ["data=imagefolder", "data.data_dir={tmp}", "data.image_size=[0,0]"],
+     "ok", ["data.image_size=[0, 0]", "positive integers"]),
+    ("folder_text_as_jpg", ["data=imagefolder", "data.data_dir={tmp}"], "text_jpg",
+     ["cannot decode the image file", "notes.jpg", "UnidentifiedImageError", "replace or remove"]),
+    ("folder_truncated_png", ["data=imagefolder", "data.data_dir={tmp}"], "truncated",
+     ["cannot decode the image file", "half.png", "replace or remove"]),
+    ("folder_one_class", ["data=imagefolder", "data.data_dir={tmp}"], "one_class",
+     ["1 class(es) (cat)", "at least two", "one sub-folder per class"]),
+    ("synthetic_two_samples", ["data=synthetic", "data.synthetic.num_samples=2"], "",
+     ["training split holds 1 image(s) of 2", "data.synthetic.num_samples"]),
+    ("no_training_step", ["trainer.limit_train_batches=0"], "",
+     ["training took no optimizer step", "trainer.limit_train_batches"]),
+    ("accelerator_bogus", ["trainer.accelerator=bogus"], "",
+     ["trainer.accelerator='bogus'", "choose one of auto, cpu, gpu"]),
+    ("devices_empty", ["trainer.devices=[]"], "", ["trainer.devices=[]", "non-empty list"]),
+    ("accelerator_gpu_none", ["trainer.accelerator=gpu"], "",
+     ["trainer.accelerator='gpu'", "Lightning refuses it", "trainer=cpu"]),
+]
+# fmt: on
+
+
+def _folder(root: Path, layout: str) -> None:
+    """Image folders for the cases above: 8x8 PNGs, two classes unless the layout says not."""
+    from PIL import Image
+
+    def png(path: Path, value: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (value, value, value)).save(path)
+
+    counts = {"three": (2, 1), "one_class": (6,)}.get(layout, (6, 6))
+    for c, n in zip(("cat", "dog"), counts, strict=False):
+        for i in range(n):
+            png(root / c / f"{i}.png", 40 * i)
+    if layout == "empty_class":
+        (root / "owl").mkdir()
+    elif layout == "text_jpg":
+        (root / "dog" / "notes.jpg").write_text("a text file, not a JPEG\n")
+    elif layout == "truncated":
+        data = (root / "dog" / "0.png").read_bytes()
+        (root / "dog" / "half.png").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("case", IN_PROCESS, ids=[c[0] for c in IN_PROCESS])
+def test_bad_input_in_process(case: tuple, tmp_path: Path, capsys) -> None:
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    name, overrides, layout, expected = case
+    if name == "accelerator_gpu_none" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if layout:
+        _folder(tmp_path / "images", layout)
+    args = [o.replace("{tmp}", str(tmp_path / "images")) for o in overrides]
+    run_dir = tmp_path / "run"
+    fast = ["trainer=cpu", "model.widths=[8,16]", "callbacks=none", "logger=csv"]
+    _, cfg = compose_train([*fast, *args], run_dir)
+    with pytest.raises(SystemExit) as info:
+        run_task("train", cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], f"{text!r} missing from {lines[0]!r}"
+    if name == "no_training_step":  # fit ran (its logger wrote hparams) but saved no result
+        assert list(run_dir.rglob("results.json")) + list(run_dir.rglob("*.ckpt")) == []
+    else:  # nothing ran: no run dir at all
+        assert not run_dir.exists()
+
+
+# -- before Hydra creates anything: an unwritable run dir, a SLURM launcher without SLURM -------
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A directory nobody may write: a read-only tmpfs as root (permission bits do not stop
+    root), else a directory without write permission."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() == 0:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)])
+        if proc.returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs")
+        yield where
+        subprocess.run(["umount", str(where)], check=False)
+    else:
+        where.chmod(0o500)
+        yield where
+        where.chmod(0o700)
+
+
+def _entry_point(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_unwritable_log_dir_is_one_paragraph(read_only_dir: Path) -> None:
+    proc = _entry_point("trainer=cpu", f"paths.log_dir={read_only_dir}/logs")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{read_only_dir}/logs/train/runs/" in lines[0]
+    assert "cannot be created" in lines[0] and "set paths.log_dir to a writable" in lines[0]
+    assert list(read_only_dir.iterdir()) == []
+
+
+def test_slurm_launcher_without_slurm(tmp_path: Path) -> None:
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has SLURM")
+    sweep = tmp_path / "sweep"
+    proc = _entry_point("-m", "hydra/launcher=slurm", "trainer=cpu", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hydra/launcher=slurm" in lines[0] and "sbatch" in lines[0]
+    assert 'pip install -e ".[slurm]"' in lines[0]
+    assert not sweep.exists()
+
+
+def test_slurm_launcher_without_the_extra(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import importlib.util
+
+    from normlab.preflight import check_launcher_installed
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    check_launcher_installed(["norm=none"])  # no SLURM asked for: nothing to say
+    with pytest.raises(SystemExit) as info:
+        check_launcher_installed(["-m", "hydra/launcher=slurm", "norm=none"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: hydra/launcher=slurm needs the SLURM extra")
+    assert 'pip install -e ".[slurm]"' in err and err.count("\n") == 1

@@ -85,6 +85,7 @@ def test_a_finished_checkpoint_is_refused_saying_how_to_train_on(tmp_path) -> No
     with pytest.raises(CheckpointError, match=r"already trained 3 epoch\(s\) and trainer.max_ep"):
         check_resumable(checkpoint, path, CONFIG)
     check_resumable(checkpoint, path, _config(trainer__max_epochs=4))
+    check_resumable(checkpoint, path, CONFIG, resuming=False)  # train=false: only tests it
 
 
 def _aged(path: Path, age_s: float) -> Path:

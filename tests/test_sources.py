@@ -197,6 +197,18 @@ def test_imagefolder_grayscale_to_rgb_and_sizes(tmp_path: Path) -> None:
     assert all(torch.equal(data.train_x[0, c], torch.from_numpy(gray)) for c in range(3))
 
 
+def test_imagefolder_hidden_entries_are_not_classes_or_images(tmp_path: Path) -> None:
+    written = _write_pngs(tmp_path, seed=3)
+    # what Jupyter and macOS leave behind: hidden folders (with images in them) and files
+    for hidden in (tmp_path / ".ipynb_checkpoints", tmp_path / "ant" / ".ipynb_checkpoints"):
+        hidden.mkdir()
+        Image.new("RGB", (6, 6)).save(hidden / "copy.png")
+    Image.new("RGB", (6, 6)).save(tmp_path / "zebra" / "._img0.png")
+    data = load_source("imagefolder", tmp_path)
+    assert data.classes == ["ant", "zebra"]
+    assert torch.equal(data.train_x, _expected(written))  # the 6 visible images, nothing else
+
+
 @pytest.mark.parametrize("layout", ["missing", "empty", "no_images", "no_test"])
 def test_imagefolder_errors(tmp_path: Path, layout: str) -> None:
     root = tmp_path / "images"

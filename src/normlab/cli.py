@@ -49,22 +49,23 @@ def check_checkpoint_arg(task: str, cfg: DictConfig, container: dict[str, Any]) 
     if task != "train":
         load_checkpoint(ckpt_path)
         return
+    resuming = bool(container.get("train", True))  # train=false only tests the checkpoint
     if ckpt_path == "last":
         task_dir = Path(cfg.paths.log_dir) / cfg.task_name
         path, passed_over = find_last_checkpoint(
-            task_dir, Path(cfg.paths.output_dir), current=container
+            task_dir, Path(cfg.paths.output_dir), current=container, resuming=resuming
         )
         for line in passed_over:
             log.warning("ckpt_path=last: passed over %s", line)
         log.info(
-            "ckpt_path=last: resuming %s, the newest last.ckpt under %s that holds this"
-            " command's model",
+            "ckpt_path=last: %s %s, the newest last.ckpt under %s that holds this command's model",
+            "resuming" if resuming else "testing",
             path,
             task_dir,
         )
         cfg.ckpt_path = str(path)
         return
-    check_resumable(load_checkpoint(ckpt_path), Path(ckpt_path), container)
+    check_resumable(load_checkpoint(ckpt_path), Path(ckpt_path), container, resuming=resuming)
 
 
 def _interrupt_signal(exc: SystemExit) -> int | None:

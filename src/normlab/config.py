@@ -5,7 +5,9 @@ Everything here imports neither torch nor Lightning, so `--help` and config erro
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ SCHEDULERS = ("none", "cosine", "step")
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
 PRECISIONS = tuple("32-true bf16-mixed 16-mixed bf16-true 16-true 64-true 32 16 64 bf16".split())
+# torch.manual_seed and Lightning's seed_everything take seeds in 0..2**32-1
+MAX_SEED = 2**32 - 1
 # input channels of each data source (imagefolder images are decoded as RGB)
 SOURCE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3, "imagefolder": 3}
 
@@ -48,6 +52,8 @@ def _number(
     ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise ConfigError(name, value, f"expected {'an integer' if kind is int else 'a number'}")
+    if not math.isfinite(value):  # nan passes every comparison, inf every lower bound
+        raise ConfigError(name, value, "expected a finite number (not nan or inf)")
     if low is not None and (value <= low if low_open else value < low):
         bound = f"greater than {low}" if low_open else f"at least {low}"
         raise ConfigError(name, value, f"must be {bound}")
@@ -75,6 +81,15 @@ def validate_data(data: Mapping[str, Any]) -> None:
     _streaming(data)
     _number(data, "val_fraction", "data", low=0, high=0.9, low_open=True)
     _number(data, "test_fraction", "data", low=0, high=0.9)
+    if data["val_fraction"] + data["test_fraction"] >= 1:
+        raise ConfigError(
+            "data.val_fraction",
+            data["val_fraction"],
+            f"with data.test_fraction={data['test_fraction']} it leaves no training split;"
+            " keep data.val_fraction + data.test_fraction below 1",
+        )
+    _number(data, "split_seed", "data", kind=int, low=0, high=MAX_SEED)
+    _image_size(data)
     _choice(data.get("scaling"), "data.scaling", SCALINGS)
     if not isinstance(data.get("download"), bool):
         raise ConfigError("data.download", data.get("download"), "expected true or false")
@@ -112,10 +127,28 @@ def validate_data(data: Mapping[str, Any]) -> None:
                     list(values),
                     f"data={data.get('name')} has {channels} channel(s): give {channels} value(s)",
                 )
-            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
-                raise ConfigError(f"data.{key}", list(values), "every entry must be a number")
+            if any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                for v in values
+            ):
+                raise ConfigError(
+                    f"data.{key}", list(values), "every entry must be a finite number"
+                )
             if key == "std" and any(v <= 0 for v in values):
                 raise ConfigError("data.std", list(values), "every std must be a positive number")
+
+
+def _image_size(data: Mapping[str, Any]) -> None:
+    size = data.get("image_size")
+    if size is None:
+        return
+    if (
+        isinstance(size, str)
+        or not isinstance(size, Sequence)
+        or len(size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size)
+    ):
+        raise ConfigError("data.image_size", size, "expected [H, W], two positive integers")
 
 
 def _streaming(data: Mapping[str, Any]) -> None:
@@ -168,10 +201,13 @@ def validate_trainer(trainer: Mapping[str, Any]) -> None:
     _number(trainer, "check_val_every_n_epoch", "trainer", kind=int, low=1, optional=True)
     _number(trainer, "accumulate_grad_batches", "trainer", kind=int, low=1, optional=True)
     _number(trainer, "gradient_clip_val", "trainer", low=0, optional=True)
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str):
+        _choice(accelerator, "trainer.accelerator", ACCELERATORS)
     devices = trainer.get("devices")
     if not (
         devices == "auto"
-        or isinstance(devices, (list, tuple))
+        or (isinstance(devices, (list, tuple)) and len(devices) > 0)
         or (
             isinstance(devices, int)
             and not isinstance(devices, bool)
@@ -180,8 +216,30 @@ def validate_trainer(trainer: Mapping[str, Any]) -> None:
         )
     ):
         raise ConfigError(
-            "trainer.devices", devices, "expected a positive integer, -1, 'auto' or a list"
+            "trainer.devices",
+            devices,
+            "expected a positive integer, -1, 'auto' or a non-empty list of device ids",
         )
+
+
+# Lightning's accelerator names ("gpu" picks CUDA or MPS, "auto" whatever this machine has)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+_TRAINER_FIXES = {
+    "accelerator": "use trainer.accelerator=auto (whatever this machine has) or trainer=cpu;"
+    " gpu/cuda need an NVIDIA GPU with a CUDA build of torch, mps an Apple GPU",
+    "devices": "give a positive integer, -1 (all devices), 'auto' or a non-empty list of device"
+    " ids that this machine has",
+}
+
+
+def trainer_error(trainer: Mapping[str, Any], err: BaseException) -> ConfigError:
+    """Turn an error Lightning raised while building the Trainer into a ConfigError that names
+    the ``trainer.*`` key the message is about (``accelerator`` when it names none)."""
+    text = " ".join(str(err).split())
+    named = [k for k in trainer if re.search(rf"\b{re.escape(str(k))}\b", text)]
+    key = "devices" if "devices" in named else named[0] if named else "accelerator"
+    fix = _TRAINER_FIXES.get(key, "see the Lightning Trainer documentation of this argument")
+    return ConfigError(f"trainer.{key}", trainer.get(key), f"Lightning refuses it ({text}); {fix}")
 
 
 def validate_ckpt_path(ckpt_path: Any, key: str = "ckpt_path") -> None:
@@ -199,17 +257,63 @@ def validate_eval_config(cfg: Mapping[str, Any]) -> None:
     if ckpt_path is None:
         raise ConfigError("ckpt_path", None, "eval.py needs the path of a .ckpt file")
     validate_ckpt_path(ckpt_path)
+    _seed(cfg.get("seed"))
     data = cfg.get("data") or {}
     if data.get("batch_size") is not None:
         _number(data, "batch_size", "data", kind=int, low=1)
     validate_trainer({**cfg["trainer"], "max_epochs": 1})  # max_epochs is unused by eval
 
 
+def _seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(
+            "seed", seed, f"expected a non-negative integer up to {MAX_SEED} (0 is fine)"
+        )
+
+
+def _train_or_test(cfg: Mapping[str, Any]) -> None:
+    """``train``/``test`` must ask for something that can be done with real weights and data."""
+    for key in ("train", "test"):
+        if not isinstance(cfg.get(key), bool):
+            raise ConfigError(key, cfg.get(key), "expected true or false")
+    if not cfg["train"] and not cfg["test"]:
+        raise ConfigError(
+            "train", False, "with test=false there is nothing to do; drop train=false"
+        )
+    if not cfg["train"] and cfg.get("ckpt_path") is None:
+        raise ConfigError(
+            "train",
+            False,
+            "train=false tests the weights of ckpt_path, and ckpt_path is not set (the model would"
+            " be the untrained one); add ckpt_path=PATH, or use python eval.py ckpt_path=PATH",
+        )
+    data = cfg["data"]
+    synthetic_test = (data.get("synthetic") or {}).get("num_test", 1)
+    no_official_test = data.get("name") == "digits" or (
+        data.get("name") == "synthetic" and synthetic_test == 0
+    )
+    if cfg["test"] and no_official_test and data.get("test_fraction") == 0:
+        raise ConfigError(
+            "data.test_fraction",
+            0,
+            f"data={data.get('name')} has no official test split, so data.test_fraction=0 holds"
+            " out no test images; set data.test_fraction (e.g. 0.15), or test=false",
+        )
+
+
+def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The data config eval.py tests with: the checkpoint's saved one, with eval.py's non-null
+    ``data.*`` keys on top; eval.py's ``data.batch_size`` is the test loader's batch size."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "batch_size" in given:
+        given["eval_batch_size"] = given.pop("batch_size")
+    return {**saved, **given}
+
+
 def validate_train_config(cfg: Mapping[str, Any]) -> None:
     """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
-    seed = cfg.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError("seed", seed, "expected a non-negative integer (0 is fine)")
+    _seed(cfg.get("seed"))
+    _train_or_test(cfg)
     validate_data(cfg["data"])
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])

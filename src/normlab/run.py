@@ -19,8 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
+from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import NormlabError
+from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 
@@ -55,7 +57,16 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
     loggers = _instantiate_all(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    try:  # checkpoints written beside their target, atomically (kill / full disk keep the old one)
+        return instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
+            _convert_="all",
+        )
+    except InstantiationException as err:  # a trainer.* value Lightning rejects: a user error
+        raise trainer_error(cfg.trainer, err.__cause__ or err) from None
 
 
 def accelerator_name(trainer: L.Trainer) -> str:
@@ -80,6 +91,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # download (data.download=true) before num_classes below reads the data; DDP ranks > 0
         # start later, from trainer.fit, when the files are there
         datamodule.prepare_data()
+    datamodule.check_usable(train=cfg.train, test=cfg.test)  # classes, a training step, a test
 
     log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
     model = instantiate(
@@ -101,6 +113,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.global_step == 0:  # e.g. trainer.limit_train_batches rounding to 0 batches
+            raise NormlabError(
+                "training took no optimizer step (no training batch ran; see trainer.limit_"
+                "train_batches and data.batch_size), so there is no trained model to test or save"
+            )
     fit_metrics = final_metrics(trainer)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -117,6 +134,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         log_hparams(trainer, cfg, metrics)
         extra = {
             "task_name": cfg.task_name,
+            "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
@@ -135,8 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint["normlab"]["config"]
 
-    data_cfg = dict(saved["data"])
-    data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
+    data_cfg = eval_data_config(saved["data"], cfg.get("data") or {})
     datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
@@ -155,7 +172,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             run_dir,
             metrics,
             {"best": str(cfg.ckpt_path), "last": None},
-            extra={"task_name": cfg.task_name, "evaluated": str(cfg.ckpt_path)},
+            extra={
+                "task_name": cfg.task_name,
+                "tags": list(cfg.get("tags") or []),
+                "evaluated": str(cfg.ckpt_path),
+            },
         )
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics

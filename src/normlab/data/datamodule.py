@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from normlab.data.scaling import FeatureScaler, resolve_scaling
 from normlab.data.sources import (
+    DataSourceError,
     FolderIndex,
     ImageData,
     decode_image,
@@ -195,8 +196,46 @@ class NormLabDataModule(L.LightningDataModule):
         hp = self.hparams
         order = torch.randperm(n, generator=torch.Generator().manual_seed(hp.split_seed))
         n_val = max(1, round(hp.val_fraction * n))
-        n_test = 0 if has_test else max(1, round(hp.test_fraction * n))
+        # test_fraction=0 holds out nothing (a run with test=true then stops in check_usable)
+        n_test = 0 if has_test or hp.test_fraction == 0 else max(1, round(hp.test_fraction * n))
         return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+    def check_usable(self, train: bool = True, test: bool = True) -> None:
+        """Refuse data a run cannot use before anything runs: fewer than two classes, a
+        training split too small for one training step (``train``), or no test images
+        (``test``). Raises DataSourceError naming the key to change."""
+        hp, data = self.hparams, self.load()
+        source = f"data.name={hp.name}"
+        if data.num_classes < 2:
+            where = (
+                " (one sub-folder per class in data.data_dir)" if hp.name == "imagefolder" else ""
+            )
+            raise DataSourceError(
+                f"{source}: the data has {data.num_classes} class(es) ({', '.join(data.classes)});"
+                f" a classifier needs at least two. Fix: give a data set with two or more"
+                f" classes{where}."
+            )
+        if isinstance(data, FolderIndex):
+            n, has_test = len(data.train), data.test is not None
+        else:
+            n, has_test = data.train_x.shape[0], data.test_x is not None
+        rows, _, held_out = self._split_indices(n, has_test)
+        size_key = {"synthetic": "data.synthetic.num_samples", "imagefolder": "data.data_dir"}
+        # a last batch of one sample is dropped (see _loader), so a split of one gives no step
+        if train and (len(rows) == 0 or (len(rows) == 1 and hp.batch_size > 1)):
+            raise DataSourceError(
+                f"{source}: the training split holds {len(rows)} image(s) of {n} (the rest is"
+                f" data.val_fraction={hp.val_fraction} and data.test_fraction={hp.test_fraction}),"
+                " too few for one training step with a BatchNorm-safe batch of at least two."
+                f" Fix: more images ({size_key.get(hp.name, 'data.name')}) or smaller"
+                " data.val_fraction / data.test_fraction."
+            )
+        if test and not has_test and len(held_out) == 0:
+            raise DataSourceError(
+                f"{source}: there is no test split (no official one, and"
+                f" data.test_fraction={hp.test_fraction} holds out no images), so test=true has"
+                " nothing to test. Fix: set data.test_fraction (e.g. 0.1), or test=false."
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -275,7 +314,10 @@ class NormLabDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
-        return self.scaler(images), labels
+        scaled = self.scaler(images)  # float32
+        if self.trainer is not None:  # trainer.precision=64-true / 16-true: the model's dtype
+            scaled = self.trainer.precision_plugin.convert_input(scaled)
+        return scaled, labels
 
     # -- checkpointing: the scaling statistics travel with the model -------------------------
     def state_dict(self) -> dict[str, Any]:

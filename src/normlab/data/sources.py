@@ -243,7 +243,7 @@ def index_imagefolder(data_dir: str | Path) -> FolderIndex:
     Raises:
         DataSourceError: the directory, its class folders or their images are missing.
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = Path(data_dir)
     train_dir = root / "train"
@@ -259,26 +259,54 @@ def index_imagefolder(data_dir: str | Path) -> FolderIndex:
 
     if not base.is_dir():
         raise fail(f"the directory {base} does not exist")
-    try:
-        classes, class_to_idx = find_classes(base)
-        train_samples = make_dataset(base, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-    except FileNotFoundError as err:
-        raise fail(f"no class sub-folders found in {base}") from err
+    classes = _class_folders(base)
+    if not classes:
+        raise fail(f"no class sub-folders found in {base}")
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    train_samples = _folder_samples(base, class_to_idx)
     if not train_samples:
         raise fail(f"no images found in the class folders of {base}")
+    counts = np.bincount([label for _, label in train_samples], minlength=len(classes))
+    empty = [str(base / c) for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        # refused rather than skipped: a silently dropped class changes the model's outputs
+        raise fail(
+            f"class folder(s) without images: {', '.join(empty)} (each sub-folder is a class;"
+            " add images to them or remove them)"
+        )
     test_samples: list[tuple[str, int]] | None = None
     if has_split:
         test_dir = root / "test"
         if not test_dir.is_dir():
             raise fail(f"{train_dir} exists but {test_dir} does not")
-        test_classes = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
-        unknown = sorted(set(test_classes) - set(classes))
+        unknown = sorted(set(_class_folders(test_dir)) - set(classes))
         if unknown:
             raise fail(f"{test_dir} has classes missing from {train_dir}: {', '.join(unknown)}")
-        test_samples = make_dataset(test_dir, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+        test_samples = _folder_samples(test_dir, class_to_idx)
         if not test_samples:
             raise fail(f"no images found in the class folders of {test_dir}")
     return FolderIndex(train_samples, test_samples, list(classes))
+
+
+def _class_folders(base: Path) -> list[str]:
+    """The class sub-folders of ``base``, sorted; hidden ones (``.ipynb_checkpoints``, names
+    starting with '.') are not classes."""
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_samples(base: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """(path, label) of the image files under ``base/<class>/``, skipping hidden files and
+    anything inside hidden folders."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+    def visible_image(path: str) -> bool:
+        parts = Path(path).relative_to(base).parts
+        return not any(p.startswith(".") for p in parts) and has_file_allowed_extension(
+            path, IMG_EXTENSIONS
+        )
+
+    present = {c: i for c, i in class_to_idx.items() if (base / c).is_dir()}
+    return make_dataset(base, present, is_valid_file=visible_image, allow_empty=True)
 
 
 def _load_imagefolder(root: Path, image_size: tuple[int, int] | None) -> ImageData:
@@ -301,8 +329,16 @@ def decode_image(path: str, image_size: tuple[int, int] | None = None) -> np.nda
     (H, W) when given; what the in-memory and the streaming imagefolder paths share."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        rgb = img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # corrupt, truncated, text
+        raise DataSourceError(
+            f"data.name=imagefolder: cannot decode the image file {path} ({type(err).__name__}:"
+            f" {str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}). Fix:"
+            " replace or remove that file (every file with an image extension under"
+            " data.data_dir is read as an image)."
+        ) from err
     if image_size is not None:
         height, width = (int(s) for s in image_size)
         if rgb.size != (width, height):

@@ -154,25 +154,34 @@ def nothing_left(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> s
 
 
 def check_resumable(
-    checkpoint: Mapping[str, Any], path: Path, current: Mapping[str, Any], key: str = "ckpt_path"
+    checkpoint: Mapping[str, Any],
+    path: Path,
+    current: Mapping[str, Any],
+    key: str = "ckpt_path",
+    resuming: bool = True,
 ) -> None:
     """Refuse a checkpoint that would not continue the run the ``current`` config describes
-    (:func:`model_mismatch`, :func:`nothing_left`).
+    (:func:`model_mismatch`; with ``resuming``, i.e. ``train=true``, :func:`nothing_left` too).
 
     Raises:
         CheckpointError: naming the settings that differ, or the epochs, and the fix.
     """
-    problem = model_mismatch(checkpoint, current) or nothing_left(checkpoint, current)
+    problem = model_mismatch(checkpoint, current)
+    problem = problem or (nothing_left(checkpoint, current) if resuming else None)
     if problem:
         raise CheckpointError(f"{key}={path}: {problem}.")
 
 
 def find_last_checkpoint(
-    task_dir: Path, exclude: Path | None = None, current: Mapping[str, Any] | None = None
+    task_dir: Path,
+    exclude: Path | None = None,
+    current: Mapping[str, Any] | None = None,
+    resuming: bool = True,
 ) -> tuple[Path, list[str]]:
     """``ckpt_path=last``: the most recently written ``checkpoints/last.ckpt`` under ``task_dir``
     (the task's runs and sweep jobs) that loads as a normlab checkpoint and, given the
-    ``current`` config, holds the model it builds (:func:`check_resumable`).
+    ``current`` config, holds the model it builds (:func:`check_resumable`; ``resuming``:
+    training goes on from it, so it must have epochs left).
 
     Returns the path and a line for each newer candidate passed over, saying why.
 
@@ -204,7 +213,7 @@ def find_last_checkpoint(
         if mismatch:
             passed_over.append(f"{path}: {mismatch.split(':')[0]}")
             continue
-        finished = nothing_left(checkpoint, current) if current is not None else None
+        finished = nothing_left(checkpoint, current) if current and resuming else None
         if finished:  # the newest run of this model is finished: say so, do not go back
             raise CheckpointError(f"ckpt_path=last picked {path}: {finished}.")
         return path, passed_over

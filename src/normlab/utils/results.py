@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from normlab.utils.atomic_file import atomic_write
 
 # the config keys shown as columns of TensorBoard's HPARAMS table
 HPARAM_KEYS = (
@@ -81,15 +82,13 @@ def write_results(
     checkpoints: Mapping[str, str | None],
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``run_dir/results.json`` atomically (a reader never sees half a file)."""
+    """Write ``run_dir/results.json`` atomically: beside it, fsynced, renamed into place, so a
+    reader, a kill or a full disk never leaves half a file (see ``atomic_file``)."""
     payload = {
         "metrics": dict(metrics),
         "checkpoints": dict(checkpoints),
         "run_dir": str(run_dir),
         **(extra or {}),
     }
-    path = Path(run_dir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(payload, indent=2) + "\n"
+    return atomic_write(Path(run_dir) / "results.json", lambda f: f.write(text.encode()), "results")

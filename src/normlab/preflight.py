@@ -1,0 +1,82 @@
+"""Checks that must answer before Hydra creates the run dir or starts a launcher: a log dir that
+cannot be written, and a SLURM launcher on a machine without SLURM or without the plugin.
+
+Each failure is one paragraph ``normlab: error: ...`` on stderr and exit status 2, with nothing
+created. Imports neither torch nor Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+SLURM_EXTRA = 'pip install -e ".[slurm]"'
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"normlab: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why ``directory`` cannot be created or written (None if it can): the nearest existing
+    ancestor is probed with a temp dir, removed at once (as root, permission bits say nothing)."""
+    path = Path(directory).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        Path(tempfile.mkdtemp(dir=existing, prefix=".normlab-probe-")).rmdir()
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None
+
+
+def check_writable(directory: str | Path, key: str) -> None:
+    """Exit 2 with a one-paragraph error when ``directory`` (the value of ``key``) cannot be
+    created or written."""
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        _fail(
+            f"{key}={directory} cannot be created ({reason}), so the run could save nothing."
+            " Fix: set paths.log_dir to a writable directory, e.g. paths.log_dir=$HOME/normlab-logs"
+        )
+
+
+def check_launcher_installed(argv: Sequence[str]) -> None:
+    """``hydra/launcher=slurm`` needs Hydra's submitit plugin: without it Hydra stops with
+    'Could not load hydra/launcher/submitit_slurm', which does not say what to install."""
+    wants_slurm = any(a.lstrip("+~").startswith("hydra/launcher=slurm") for a in argv)
+    if wants_slurm and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        _fail(
+            "hydra/launcher=slurm needs the SLURM extra (Hydra's submitit launcher plugin), which"
+            f" is not installed. Fix: {SLURM_EXTRA}, or drop hydra/launcher=slurm to run the"
+            " sweep's jobs on this machine"
+        )
+
+
+class Preflight(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): before a run or sweep starts, check that
+    its dir can be written and that a SLURM launcher has SLURM to talk to."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+        target = str(config.hydra.launcher.get("_target_", ""))
+        if "submitit" in target and "Slurm" in target and shutil.which("sbatch") is None:
+            _fail(
+                "hydra/launcher=slurm submits every job with SLURM's sbatch, which is not on this"
+                " machine's PATH (not a SLURM login node?). Fix: run the command on a SLURM login"
+                " node, or drop hydra/launcher=slurm to run the sweep's jobs here one after"
+                f" another (the launcher itself comes with {SLURM_EXTRA})"
+            )

@@ -1,0 +1,53 @@
+"""What a finished run reports is what it did: float64 training, tags in results.json, and
+eval.py's data.batch_size used by the test loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.config import eval_data_config
+from tests.conftest import run_script
+
+
+def test_eval_batch_size_is_the_test_loader_batch_size() -> None:
+    from normlab.data import NormLabDataModule
+
+    saved = {"name": "digits", "batch_size": 64, "eval_batch_size": 512, "data_dir": "data"}
+    cfg = eval_data_config(saved, {"batch_size": 7, "data_dir": None})
+    datamodule = NormLabDataModule(**cfg)
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    n_test = len(datamodule.splits["test"])
+    assert loader.batch_size == 7
+    assert len(loader) == -(-n_test // 7)  # 270 held-out digits: 39 batches, not 1
+    assert eval_data_config(saved, {"batch_size": None})["eval_batch_size"] == 512
+
+
+@pytest.mark.slow
+def test_float64_run_stores_tags_and_eval_batch_size_keeps_accuracy(tmp_path: Path) -> None:
+    # norm=frozen: eval-mode outputs do not depend on the batch, so eval with batches of 7 must
+    # reproduce the test accuracy that training measured with batches of 512
+    args = ["trainer=cpu", "trainer.max_epochs=1", "callbacks=no_inspection", "model.widths=[8,16]"]
+    trained = run_script(
+        "train.py", *args, "trainer.precision=64-true", "norm=frozen", "tags=[fp64,smoke]",
+        run_dir=tmp_path / "train",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.results["tags"] == ["fp64", "smoke"]
+    ckpt = trained.run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    weights = [v for k, v in state.items() if k.endswith("weight")]
+    assert weights and all(v.dtype == torch.float64 for v in weights)
+
+    evaluated = run_script(
+        "eval.py", "trainer=cpu", f"ckpt_path={ckpt}", "data.batch_size=7", "tags=[again]",
+        run_dir=tmp_path / "eval",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.results["tags"] == ["again"]
+    assert evaluated.results["metrics"]["test/acc"] == pytest.approx(
+        trained.results["metrics"]["test/acc"], abs=1e-9
+    )
