@@ -338,3 +338,28 @@ def test_inspect_bn_finds_groupnorm_layers(tmp_path, capsys):
     assert status == 0, err
     assert "net.features.1: GroupNorm(4, 8" in out and "net.features.5: GroupNorm(4, 16" in out
     assert "classifier" not in out and "num_groups           4" in out
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_tags_layout_histograms_and_hparams(bn_run):
+    """A real ``tensorboard`` on a free localhost port, asked through its HTTP API (what the
+    browser asks), then stopped (scripts/tensorboard_screenshots.py's serve_tensorboard)."""
+    spec = importlib.util.spec_from_file_location(
+        "tensorboard_screenshots", ROOT / "scripts" / "tensorboard_screenshots.py"
+    )
+    tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb)
+    with tb.serve_tensorboard(bn_run.run_dir) as url:
+        scalar_tags = tb.get_json(f"{url}/data/plugin/scalars/tags")["tensorboard"]
+        assert {"val/acc", "norm/net.features.5/running_var/mean_plus_std"} <= set(scalar_tags)
+        layout = tb.get_json(f"{url}/data/plugin/custom_scalars/layout")
+        layer = next(c for c in layout["category"] if c["title"] == "norm/net.features.5")
+        series = [c["margin"]["series"][0] for c in layer["chart"] if "margin" in c]
+        assert {s["lower"] for s in series} <= set(scalar_tags)
+        histograms = tb.get_json(f"{url}/data/plugin/histograms/tags")["tensorboard"]
+        assert "norm/net.features.5/weight" in histograms
+        experiment = tb.get_json(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+        columns = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"norm.name", "norm.precise_bn_batches", "model._target_", "tags"} <= columns
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"hparams/val_acc", "hparams/test_acc"} <= metrics

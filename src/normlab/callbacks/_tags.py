@@ -50,10 +50,10 @@ def _exact(*tags: str) -> list[str]:
 
 def dashboard_layout(layers: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The custom-scalars layout (``SummaryWriter.add_custom_scalars``) for ``{layer: the STATS
-    it has}``: a run-level category (accuracy in eval vs train mode, loss, learning rate, the
-    precise/distribute BN shifts), one category per layer (margin charts of each statistic's mean
-    +- std over channels and the train/test gap of its statistics) and one for activations and
-    gradients (saturation, grad_norm)."""
+    it has}``: a run-level category (accuracy in eval vs train mode, loss, learning rate), one
+    category per layer (margin charts of each statistic's mean +- std over channels and the
+    train/test gap of its statistics) and one for activations and gradients (saturation,
+    grad_norm)."""
     run = {
         "accuracy: eval mode (running stats) vs train mode (batch stats)": [
             "Multiline",
@@ -61,10 +61,6 @@ def dashboard_layout(layers: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         ],
         "loss": ["Multiline", _exact("train/loss", "val/loss")],
         "learning rate": ["Multiline", [r"^lr-"]],
-        "precise BN / distribute BN: largest change of a running statistic": [
-            "Multiline",
-            _exact("norm/precise_bn_max_shift", "norm/distribute_bn_shift"),
-        ],
     }
     layout: dict[str, Any] = {"norm: run": run}
     for layer, stats in layers.items():
