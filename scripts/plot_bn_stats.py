@@ -5,7 +5,7 @@
 One row per BatchNorm layer (named as in the model's ``named_modules()``), one column per
 statistic: running_mean, running_var, weight (gamma), bias (beta). Each panel shows the mean over
 the layer's channels against the optimizer step, with a band of +-1 standard deviation across
-channels, read from the ``bn_stats/<layer>/<stat>/{mean,std}`` scalars that
+channels, read from the ``norm/<layer>/<stat>/{mean,std}`` scalars that
 ``normlab.callbacks.bn_stats.BatchNormStats`` logs. Needs no display (matplotlib's Agg).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 STATS = ("running_mean", "running_var", "weight", "bias")
 TITLES = {"weight": "weight (gamma)", "bias": "bias (beta)"}
-TAG = re.compile(r"^bn_stats/(?P<layer>.+)/(?P<stat>running_mean|running_var|weight|bias)/mean$")
+TAG = re.compile(r"^norm/(?P<layer>.+)/(?P<stat>running_mean|running_var|weight|bias)/mean$")
 
 
 class PlotError(Exception):
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         series = read_series(path)
         if not series:
             raise PlotError(
-                f"{path}: the event files hold no bn_stats/<layer>/<stat>/mean scalars; the run"
-                " had no BatchNorm layers (norm=none/groupnorm/layernorm) or ran without the"
+                f"{path}: the event files hold no norm/<layer>/<stat>/mean scalars; the run"
+                " had no normalization layers (norm=none) or ran without the"
                 " bn_stats callback (callbacks.bn_stats=null, callbacks=none, debug=fdr)."
             )
     except PlotError as err:

@@ -35,7 +35,10 @@ def layout(run_dir: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_ddp_sim_run_leaves_one_run_dir_like_a_single_process_run(train_run, tmp_path) -> None:
-    ddp = train_run(*DDP, "norm.distribute_bn=true", name="ddp", timeout=420)
+    # with precise BN too: the shift is measured before it makes the ranks equal
+    ddp = train_run(
+        *DDP, "norm.distribute_bn=true", "norm.precise_bn_batches=2", name="ddp", timeout=420
+    )
     assert ddp.returncode == 0, ddp.output[-3000:]
     assert "[rank: 1]" in ddp.output  # a second process really ran
     single = train_run(name="single")

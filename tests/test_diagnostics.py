@@ -101,8 +101,8 @@ def test_train_test_gap_logs_known_gap(tmp_path):
     data = loader(torch.cat([first, second]), torch.zeros(8, dtype=torch.long), batch_size=4)
     trainer(tmp_path, [TrainTestGap(num_batches=1)]).validate(model, data, verbose=False)
     values = scalars(read_events(tmp_path / "tb"))
-    assert values["bn_gap/net.0/mean_shift"] == [(0, pytest.approx(2.0))]
-    assert values["bn_gap/net.0/var_ratio"] == [(0, pytest.approx(3.5))]
+    assert values["norm/net.0/gap_mean_shift"] == [(0, pytest.approx(2.0))]
+    assert values["norm/net.0/gap_var_ratio"] == [(0, pytest.approx(3.5))]
     assert bn.running_mean.tolist() == [0.0, 1.0]  # measuring changed nothing
 
 
@@ -121,9 +121,9 @@ def test_eval_mode_gap_known_accuracies_and_untouched_statistics(tmp_path):
     y = (x.squeeze(1) > 4.5).long()
     trainer(tmp_path, [EvalModeGap(num_batches=4)]).validate(model, loader(x, y, 8), verbose=False)
     values = scalars(read_events(tmp_path / "tb"))
-    assert values["bn_mode/acc_eval_mode"] == [(0, 0.5)]  # always class 0: half right
-    assert values["bn_mode/acc_train_mode"] == [(0, 1.0)]  # batch statistics: all right
-    assert values["bn_mode/gap"] == [(0, 0.5)]
+    assert values["norm/acc_eval_mode"] == [(0, 0.5)]  # always class 0: half right
+    assert values["norm/acc_train_mode"] == [(0, 1.0)]  # batch statistics: all right
+    assert values["norm/mode_gap"] == [(0, 0.5)]
     assert bn.running_mean.tolist() == [100.0] and bn.running_var.tolist() == [1.0]
     assert bn.num_batches_tracked.item() == 0
     with torch.no_grad(), batch_statistics(model) as hooked:
@@ -176,6 +176,29 @@ def test_saturation_monitor_known_fraction_and_grad_norms(tmp_path):
         norm = torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm().item()
         assert values[f"grad_norm/net.{name}"] == [(0, pytest.approx(norm, rel=1e-5))]
     assert not any(t.startswith("grad_norm/net.sig") for t in values)  # no parameters
+
+
+def test_histograms_resolve_gamma_and_groupnorm_layernorm_are_logged(tmp_path):
+    # 128 gammas spread over 1.03..1.08, as in the last layer of a trained ConvNet: the default
+    # exponential buckets (10% apart) put them all into one
+    bn = nn.BatchNorm1d(128)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(1.03, 1.08, 128))
+    net = nn.Sequential(bn, nn.Linear(128, 8), nn.GroupNorm(2, 8), nn.LayerNorm(8), Logits())
+    x, y = torch.randn(16, 128), torch.zeros(16, dtype=torch.long)
+    stats = BatchNormStats(histograms_every_n_steps=100)
+    trainer(tmp_path, [stats], max_steps=1, limit_val_batches=0).fit(Tiny(net), loader(x, y, 16))
+    events = read_events(tmp_path / "tb")
+    gamma = events.Histograms("norm/net.0/weight")[0].histogram_value
+    assert (gamma.num, gamma.min, gamma.max) == (128, pytest.approx(1.03), pytest.approx(1.08))
+    counts = [int(c) for c in gamma.bucket]
+    assert sum(counts) == 128 and sum(c > 0 for c in counts) >= 20, counts
+    # any norm layer with gamma/beta: GroupNorm and LayerNorm like BatchNorm
+    histograms, values = set(events.Tags()["histograms"]), scalars(events)
+    for layer in ("net.2", "net.3"):
+        assert {f"norm/{layer}/weight", f"norm/{layer}/bias"} <= histograms
+        assert values[f"norm/{layer}/weight/mean"][0] == (0, pytest.approx(1.0))
+        assert f"norm/{layer}/running_mean/mean" not in values
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@ EventAccumulator, compared with the checkpoint they saved; plus the two inspecti
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -15,16 +17,21 @@ from tests.conftest import FAST, ROOT, Run, run_script
 from tests.test_diagnostics import read_events, scalars
 
 STATS = ("running_mean", "running_var", "weight", "bias")
-# 2 epochs of 7 steps; histograms every 5 steps, scalars every 2, plus start and epoch ends
+# 2 epochs of 7 steps; histograms every 5 steps, scalars every 2, plus the start and epoch ends;
+# precise BN rewrites the statistics before each validation; TensorBoard and CSV loggers
 CADENCE = [
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=7",
     "callbacks.bn_stats.histograms_every_n_steps=5",
     "callbacks.bn_stats.scalars_every_n_steps=2",
     "callbacks.bn_stats.per_channel=true",
+    "norm.precise_bn_batches=2",
+    "logger=many",
 ]
-HISTOGRAM_STEPS = [0, 5, 7, 10, 14]
-SCALAR_STEPS = [0, 2, 4, 6, 7, 8, 10, 12, 14]
+# Lightning's steps: batch k at k; the epoch ends (and val/acc) at 6 and 13
+HISTOGRAM_STEPS = [0, 5, 6, 10, 13]
+SCALAR_STEPS = [0, 2, 4, 6, 8, 10, 12, 13]
+EPOCH_ENDS = [6, 13]
 
 
 def train(tmp_path_factory, name: str, *overrides: str) -> Run:
@@ -77,37 +84,97 @@ def script_main(name: str, *args: str, capsys) -> tuple[int, str, str]:
 def test_every_batchnorm_layer_has_four_histograms_one_per_logging_step(bn_events, state):
     layers = bn_layers(state)
     assert layers == ["net.features.1", "net.features.5"]  # named as in named_modules()
-    expected = {f"bn/{layer}/{stat}" for layer in layers for stat in STATS}
+    expected = {f"norm/{layer}/{stat}" for layer in layers for stat in STATS}
     assert set(bn_events.Tags()["histograms"]) == expected
     for tag in expected:
         assert [e.step for e in bn_events.Histograms(tag)] == HISTOGRAM_STEPS, tag
     values = scalars(bn_events)
     for layer in layers:
-        assert [s for s, _ in values[f"bn_stats/{layer}/running_var/std"]] == SCALAR_STEPS
-        tracked = values[f"bn_stats/{layer}/num_batches_tracked"]
-        assert tracked == [(s, float(s)) for s in SCALAR_STEPS]  # one update per step
+        assert [s for s, _ in values[f"norm/{layer}/running_var/std"]] == SCALAR_STEPS
+        tracked = values[f"norm/{layer}/num_batches_tracked"]
+        # after batch k (step k) the layer has seen k + 1 batches; step 0 is the initial state
+        assert tracked == [(s, float(s + 1 if s else 0)) for s in SCALAR_STEPS]
+    # everything normalization logs is in one section: norm/
+    assert not [t for t in values if t.startswith("bn")]
 
 
 def test_last_logged_values_equal_the_checkpoint_buffers(bn_events, checkpoint, state):
+    # precise BN rewrote the statistics before the last validation: the last points must be the
+    # rewritten values, which last.ckpt saves (issue 11 item 7)
     assert checkpoint["global_step"] == 14  # last.ckpt is the end of training
     values = scalars(bn_events)
+    assert values["norm/precise_bn_max_shift"][-1][1] > 0  # it did move them
     for layer in bn_layers(state):
         for stat in STATS:
             saved = state[f"{layer}.{stat}"].double().numpy()
-            last = bn_events.Histograms(f"bn/{layer}/{stat}")[-1]
-            assert last.step == 14
+            last = bn_events.Histograms(f"norm/{layer}/{stat}")[-1]
+            assert last.step == 13
             h = last.histogram_value
             assert (h.num, h.min, h.max) == (saved.size, saved.min(), saved.max())
             assert h.sum == pytest.approx(saved.sum(), abs=1e-9)
             width = len(str(saved.size - 1))  # zero-padded channel numbers
             per_channel = [
-                values[f"bn_channels/{layer}/{stat}/{c:0{width}d}"][-1] for c in range(saved.size)
+                values[f"norm/{layer}/{stat}/channel_{c:0{width}d}"][-1] for c in range(saved.size)
             ]
-            assert per_channel == [(14, x) for x in saved.astype(np.float32).tolist()]
-            assert values[f"bn_stats/{layer}/{stat}/mean"][-1][1] == pytest.approx(saved.mean())
-            assert values[f"bn_stats/{layer}/{stat}/std"][-1][1] == pytest.approx(saved.std())
-        assert values[f"bn_stats/{layer}/num_batches_tracked"][-1] == (14, 14.0)
+            assert per_channel == [(13, x) for x in saved.astype(np.float32).tolist()]
+            mean, std = saved.mean(), saved.std()
+            assert values[f"norm/{layer}/{stat}/mean"][-1] == (13, pytest.approx(mean))
+            assert values[f"norm/{layer}/{stat}/std"][-1] == (13, pytest.approx(std))
+            band = values[f"norm/{layer}/{stat}/mean_plus_std"][-1][1]
+            assert band == pytest.approx(mean + std, abs=1e-6)
+        assert values[f"norm/{layer}/num_batches_tracked"][-1] == (13, 14.0)
         assert state[f"{layer}.num_batches_tracked"].item() == 14
+
+
+def test_points_share_lightnings_steps_and_lr_tags_are_named(bn_events):
+    values = scalars(bn_events)
+    assert [s for s, _ in values["val/acc"]] == EPOCH_ENDS
+    for tag in (
+        "norm/acc_eval_mode",
+        "norm/mode_gap",
+        "norm/net.features.1/gap_mean_shift",
+        "norm/precise_bn_max_shift",
+    ):
+        assert [s for s, _ in values[tag]] == EPOCH_ENDS, tag
+    assert [i.step for i in bn_events.Images("norm/running_stats_heatmap")] == EPOCH_ENDS
+    assert [s for s, _ in values["train/acc"]] == EPOCH_ENDS  # Lightning's epoch-end metric
+    # Lightning's train/loss of batch k sits at step k (logged every 10 steps: at 9)
+    assert values["train/loss"][0][0] == 9 and 9 not in {s for s, _ in values["norm/mode_gap"]}
+    assert {"lr-AdamW/weights", "lr-AdamW/norm"} <= set(values)  # named parameter groups
+
+
+def test_histogram_buckets_resolve_the_values(bn_events):
+    for layer in ("net.features.1", "net.features.5"):
+        h = bn_events.Histograms(f"norm/{layer}/running_var")[-1].histogram_value
+        filled = sum(c > 0 for c in h.bucket)
+        assert filled >= min(h.num, 30) // 3, (layer, list(h.bucket))
+        assert h.bucket_limit[-1] >= h.max and h.bucket_limit[0] <= h.max
+
+
+def test_dashboard_layout_charts_logged_tags(bn_events):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event,) = bn_events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    titles = [c.title for c in layout.category]
+    assert titles == [
+        "norm: run",
+        "norm/net.features.1",
+        "norm/net.features.5",
+        "activations and gradients",
+    ]
+    logged = set(scalars(bn_events))
+    layer = layout.category[1]
+    margins = [c.margin.series[0] for c in layer.chart if c.HasField("margin")]
+    assert [m.value for m in margins] == [f"norm/net.features.1/{s}/mean" for s in STATS]
+    for m in margins:
+        assert {m.value, m.lower, m.upper} <= logged
+        assert m.lower.endswith("mean_minus_std") and m.upper.endswith("mean_plus_std")
+    (gap,) = [c.multiline.tag for c in layer.chart if c.HasField("multiline")]
+    assert [t for t in logged if any(re.search(p, t) for p in gap)] == [
+        "norm/net.features.1/gap_mean_shift",
+        "norm/net.features.1/gap_var_ratio",
+    ]
 
 
 def test_hparams_tab_holds_the_config_and_real_final_metrics(bn_run, bn_events):
@@ -118,8 +185,14 @@ def test_hparams_tab_holds_the_config_and_real_final_metrics(bn_run, bn_events):
     columns = [m.name.tag for m in experiment.metric_infos]
     assert {"hparams/val_acc", "hparams/test_acc"} <= set(columns)
     start = metadata.parse_session_start_info_plugin_data(content["_hparams_/session_start_info"])
-    assert start.hparams["norm.name"].string_value == "batchnorm"
-    assert start.hparams["model.optimizer.lr"].number_value == pytest.approx(0.003)
+    cells = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
+    assert cells["norm.name"] == "batchnorm"
+    assert cells["norm.precise_bn_batches"] == 2  # distinguishes it from plain BatchNorm
+    assert cells["norm.momentum"] == pytest.approx(0.1)
+    assert cells["model.optimizer.lr"] == pytest.approx(0.003)
+    assert cells["model._target_"] == "normlab.models.NormLabModule"
+    assert cells["task_name"] == "train" and cells["tags"] == "dev"
+    assert start.hparams["norm.num_groups"].string_value == ""  # declared, blank for BatchNorm
     metrics, values = bn_run.results["metrics"], scalars(bn_events)
     assert "hp_metric" not in values  # no Lightning -1 placeholder
     for key in ("val/acc", "test/acc", "val/loss", "test/loss"):
@@ -127,17 +200,31 @@ def test_hparams_tab_holds_the_config_and_real_final_metrics(bn_run, bn_events):
         assert logged == pytest.approx(metrics[key], rel=1e-6) and logged != -1
 
 
+def test_csv_logger_receives_the_normalization_scalars(bn_run, state):
+    rows = list(csv.DictReader((bn_run.run_dir / "csv" / "metrics.csv").open()))
+    columns = set(rows[0])
+    for layer in bn_layers(state):
+        for stat in STATS:
+            assert f"norm/{layer}/{stat}/mean" in columns
+        assert f"norm/{layer}/gap_mean_shift" in columns
+    assert {"norm/acc_eval_mode", "grad_norm/net.features.0", "hparams/val_acc"} <= columns
+    tracked = [
+        (int(r["step"]), float(r["norm/net.features.1/num_batches_tracked"]))
+        for r in rows
+        if r["norm/net.features.1/num_batches_tracked"]
+    ]
+    assert tracked[-1] == (13, 14.0)
+
+
 def test_heatmap_image_each_epoch_and_diagnostics_in_a_real_run(bn_events, state):
-    images = bn_events.Images("bn_heatmap/running_mean_running_var")
-    assert [i.step for i in images] == [7, 14]
+    images = bn_events.Images("norm/running_stats_heatmap")
     assert images[-1].encoded_image_string.startswith(b"\x89PNG")
     values = scalars(bn_events)
     for layer in bn_layers(state):
-        assert [s for s, _ in values[f"bn_gap/{layer}/mean_shift"]] == [7, 14]
-        assert all(r > 0 for _, r in values[f"bn_gap/{layer}/var_ratio"])
-    acc = dict(values["bn_mode/acc_eval_mode"])[14]
-    assert dict(values["bn_mode/gap"])[14] == pytest.approx(
-        dict(values["bn_mode/acc_train_mode"])[14] - acc, abs=1e-6
+        assert all(r > 0 for _, r in values[f"norm/{layer}/gap_var_ratio"])
+    acc = dict(values["norm/acc_eval_mode"])[13]
+    assert dict(values["norm/mode_gap"])[13] == pytest.approx(
+        dict(values["norm/acc_train_mode"])[13] - acc, abs=1e-6
     )
     assert "grad_norm/net.features.0" in values and "grad_norm/net.classifier" in values
     assert not any(t.startswith("saturation/") for t in values)  # ReLU does not saturate
@@ -177,14 +264,34 @@ def test_norm_none_logs_one_info_line_and_no_statistics(tmp_path_factory, tmp_pa
     run = train(tmp_path_factory, "none", "norm=none", "trainer.limit_train_batches=3")
     events = read_events(run.run_dir / "tensorboard")
     tags = [t for kind in ("scalars", "histograms", "images") for t in events.Tags()[kind]]
-    assert not [t for t in tags if t.startswith(("bn", "bn_"))], tags
+    assert not [t for t in tags if t.startswith(("bn", "norm/"))], tags
     assert "val/acc" in tags and "hparams/val_acc" in tags and "grad_norm/net.features.0" in tags
+    assert "lr-AdamW/weights" in tags  # the same LR tag as with a norm
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # the dashboard, run level
     log = (run.run_dir / "train.log").read_text()
-    assert log.count("BatchNormStats: the model has no BatchNorm layers") == 1
+    assert log.count("BatchNormStats: the model has no normalization layers") == 1
     status, _, err = script_main(
         "plot_bn_stats.py", run.run_dir, "-o", tmp_path / "x.png", capsys=capsys
     )
-    assert status == 2 and "no bn_stats/<layer>/<stat>/mean scalars" in err
+    assert status == 2 and "no norm/<layer>/<stat>/mean scalars" in err
+
+
+def test_groupnorm_gamma_and_beta_are_logged(tmp_path_factory):
+    run = train(
+        tmp_path_factory,
+        "gn",
+        "norm=groupnorm",
+        "norm.num_groups=4",
+        "trainer.limit_train_batches=3",
+    )
+    events = read_events(run.run_dir / "tensorboard")
+    state = torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    values = scalars(events)
+    for layer in ("net.features.1", "net.features.5"):
+        assert {f"norm/{layer}/weight", f"norm/{layer}/bias"} <= set(events.Tags()["histograms"])
+        gamma = state[f"{layer}.weight"].double()
+        assert values[f"norm/{layer}/weight/mean"][-1] == (2, pytest.approx(gamma.mean().item()))
+        assert f"norm/{layer}/running_mean/mean" not in values  # GroupNorm has none
 
 
 @pytest.mark.slow
@@ -194,8 +301,8 @@ def test_frozen_checkpoint_statistics_and_inspection(tmp_path_factory, capsys):
     state = torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for layer in bn_layers(state):
         for stat in STATS:
-            assert [e.step for e in events.Histograms(f"bn/{layer}/{stat}")] == [0, 3]
-        mean = scalars(events)[f"bn_stats/{layer}/running_mean/mean"]
+            assert [e.step for e in events.Histograms(f"norm/{layer}/{stat}")] == [0, 2]
+        mean = scalars(events)[f"norm/{layer}/running_mean/mean"]
         assert mean[0][1] == mean[-1][1]  # frozen: statistics never move in training
         assert mean[-1][1] == pytest.approx(state[f"{layer}.running_mean"].double().mean())
     status, out, err = script_main(
@@ -231,3 +338,28 @@ def test_inspect_bn_finds_groupnorm_layers(tmp_path, capsys):
     assert status == 0, err
     assert "net.features.1: GroupNorm(4, 8" in out and "net.features.5: GroupNorm(4, 16" in out
     assert "classifier" not in out and "num_groups           4" in out
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_tags_layout_histograms_and_hparams(bn_run):
+    """A real ``tensorboard`` on a free localhost port, asked through its HTTP API (what the
+    browser asks), then stopped (scripts/tensorboard_screenshots.py's serve_tensorboard)."""
+    spec = importlib.util.spec_from_file_location(
+        "tensorboard_screenshots", ROOT / "scripts" / "tensorboard_screenshots.py"
+    )
+    tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb)
+    with tb.serve_tensorboard(bn_run.run_dir) as url:
+        scalar_tags = tb.get_json(f"{url}/data/plugin/scalars/tags")["tensorboard"]
+        assert {"val/acc", "norm/net.features.5/running_var/mean_plus_std"} <= set(scalar_tags)
+        layout = tb.get_json(f"{url}/data/plugin/custom_scalars/layout")
+        layer = next(c for c in layout["category"] if c["title"] == "norm/net.features.5")
+        series = [c["margin"]["series"][0] for c in layer["chart"] if "margin" in c]
+        assert {s["lower"] for s in series} <= set(scalar_tags)
+        histograms = tb.get_json(f"{url}/data/plugin/histograms/tags")["tensorboard"]
+        assert "norm/net.features.5/weight" in histograms
+        experiment = tb.get_json(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+        columns = {h["name"] for h in experiment["hparamInfos"]}
+        assert {"norm.name", "norm.precise_bn_batches", "model._target_", "tags"} <= columns
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"hparams/val_acc", "hparams/test_acc"} <= metrics

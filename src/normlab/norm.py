@@ -343,7 +343,8 @@ def param_groups(
     model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
     """Optimizer groups: trainable norm-layer params get ``norm_weight_decay``, the rest
-    ``weight_decay`` (torchvision references' ``set_weight_decay``). Empty groups are omitted."""
+    ``weight_decay`` (torchvision references' ``set_weight_decay``). The groups are named
+    ``weights`` and ``norm``; empty groups are omitted."""
     norm: list[nn.Parameter] = []
     other: list[nn.Parameter] = []
     seen: set[int] = set()
@@ -352,8 +353,10 @@ def param_groups(
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 (norm if is_norm_layer(m) else other).append(p)
+    # named, so LearningRateMonitor's tags (lr-AdamW/weights, lr-AdamW/norm) are the same for
+    # every norm, also for norm=none where the norm group is empty
     groups = [
-        {"params": other, "weight_decay": weight_decay},
-        {"params": norm, "weight_decay": norm_weight_decay},
+        {"params": other, "weight_decay": weight_decay, "name": "weights"},
+        {"params": norm, "weight_decay": norm_weight_decay, "name": "norm"},
     ]
     return [g for g in groups if g["params"]]

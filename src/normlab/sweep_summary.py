@@ -10,7 +10,7 @@ TensorBoard event files and writes
 - ``summary.png``: the final val/acc and test/acc of every job as bars, and every job's
   validation accuracy per epoch read from its event files (matplotlib's Agg backend).
 
-The same from a shell, e.g. after a sweep that stopped early; ``--scalars 'bn_mode/*'`` also
+The same from a shell, e.g. after a sweep that stopped early; ``--scalars 'norm/*mode*'`` also
 prints the last value of those TensorBoard scalars for every job, ``--curve TAG --png PATH``
 draws another scalar's curves::
 
@@ -130,7 +130,7 @@ def read_curve(run_dir: Path, tag: str = CURVE_TAG) -> tuple[list[float], list[f
 
 def last_scalars(run_dir: Path, patterns: Sequence[str]) -> dict[str, float]:
     """``{tag: last value}`` of the scalars in ``run_dir/tensorboard`` whose tag matches one of
-    the shell-style ``patterns`` (``saturation/*``, ``bn_mode/acc_eval_mode``)."""
+    the shell-style ``patterns`` (``saturation/*``, ``norm/acc_eval_mode``)."""
     events = _events(run_dir)
     tags = events.Tags()["scalars"] if events else []
     chosen = [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="TAG",
-        help="print last values, e.g. 'bn_mode/*'",
+        help="print last values, e.g. 'norm/*mode*'",
     )
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir() or not job_dirs(args.sweep_dir):

@@ -1,8 +1,9 @@
-"""What the inspection callbacks share: finding TensorBoard writers and batched host copies."""
+"""What the inspection callbacks share: Lightning's logging step, the loggers that receive their
+scalars, the TensorBoard writers that receive histograms/images/layouts, batched host copies."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,18 +12,62 @@ from torch import Tensor
 
 from normlab.errors import ConfigError
 
+# histogram buckets over the values' own [min, max]: TensorBoard draws at most about 30
+HISTOGRAM_BINS = 30
+
+
+def lightning_step(trainer: Any, epoch_end: bool = False) -> int:
+    """The step at which Lightning logs its own metrics at this moment, so normlab's points share
+    the x axis with ``train/loss``, ``val/acc`` and the learning rate.
+
+    That is the number of optimizer steps taken before the current batch (``train/loss`` of the
+    first batch is at 0; validation after the 20th batch logs at 19), and at the end of a training
+    epoch one less than the steps taken (Lightning's epoch-end metrics and ``val/acc`` share it).
+    Lightning keeps the count in ``fit_loop.epoch_loop._batches_that_stepped``, which its own
+    ``LearningRateMonitor`` and ``DeviceStatsMonitor`` read in the same way.
+    """
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    return max(step - 1, 0) if epoch_end else step
+
+
+def scalar_loggers(trainer: Any) -> list[Any]:
+    """Every logger of ``trainer`` (TensorBoard, CSV, ...) on global rank 0; empty on other ranks,
+    without loggers and under ``fast_dev_run`` (Lightning's ``DummyLogger``), so callers can skip
+    the measuring when nobody would receive it."""
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    if not trainer.is_global_zero:
+        return []
+    return [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+
+
+def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
+    """Send ``{tag: value}`` to every logger at ``step`` through Lightning's logger interface
+    (``logger.log_metrics``, as ``LearningRateMonitor`` does): ``logger=csv`` gets them too."""
+    if not metrics:
+        return
+    for logger in scalar_loggers(trainer):
+        logger.log_metrics(dict(metrics), step=step)
+
 
 def tensorboard_writers(trainer: Any) -> list[Any]:
-    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer``, on global rank 0 only.
+    """The ``SummaryWriter`` of every TensorBoard logger of ``trainer``, on global rank 0 only:
+    for what only TensorBoard shows (histograms, images, the dashboard layout).
 
     Empty under ``fast_dev_run`` (Lightning swaps loggers for a ``DummyLogger``), without a
     TensorBoard logger, and on every other rank, so callers can simply loop over the result.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    if not trainer.is_global_zero:
-        return []
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    return [lg.experiment for lg in scalar_loggers(trainer) if isinstance(lg, TensorBoardLogger)]
+
+
+def add_histogram(writer: Any, tag: str, values: np.ndarray, step: int) -> None:
+    """``writer.add_histogram`` with up to ``HISTOGRAM_BINS`` equal buckets spanning the values'
+    own range: the default (exponential buckets 10% apart) puts gamma values 1.03..1.08 into
+    one bucket."""
+    bins = max(1, min(HISTOGRAM_BINS, values.size))
+    writer.add_histogram(tag, values, step, bins=bins)
 
 
 def to_host(tensors: Sequence[Tensor]) -> list[np.ndarray]:

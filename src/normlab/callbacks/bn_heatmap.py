@@ -9,12 +9,13 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from normlab.callbacks._tensorboard import check_count, tensorboard_writers, to_host
+from normlab.callbacks._tags import HEATMAP
+from normlab.callbacks._tensorboard import check_count, lightning_step, tensorboard_writers, to_host
 from normlab.norm import batchnorm_layers
 
 log = logging.getLogger("normlab")
 
-TAG = "bn_heatmap/running_mean_running_var"
+TAG = HEATMAP
 
 
 def render_heatmap(stats: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> np.ndarray:
@@ -56,13 +57,14 @@ def render_heatmap(stats: Mapping[str, tuple[np.ndarray, np.ndarray]], title: st
 
 
 class BatchNormHeatmap(Callback):
-    """Logs an image ``bn_heatmap/running_mean_running_var`` at the end of every
-    ``every_n_epochs``-th training epoch: ``running_mean`` and ``running_var`` of every channel
-    (columns) of every BatchNorm layer (rows, named as in ``named_modules()``).
+    """Logs an image ``norm/running_stats_heatmap`` at the end of every ``every_n_epochs``-th
+    training epoch: ``running_mean`` and ``running_var`` of every channel (columns) of every
+    BatchNorm layer (rows, named as in ``named_modules()``).
 
-    The image's step is ``trainer.global_step``. Only global rank 0 draws; without BatchNorm layers
-    (``norm=none``) or without a TensorBoard logger it does nothing. Drawing uses matplotlib's
-    Agg canvas (no display needed) and costs a fraction of a second per image.
+    The image's step is that of Lightning's epoch-end metrics (see :func:`lightning_step`). Only
+    global rank 0 draws; without BatchNorm layers (``norm=none``) or without a TensorBoard logger
+    it does nothing. Drawing uses matplotlib's Agg canvas (no display needed) and costs a
+    fraction of a second per image.
 
     Args:
         every_n_epochs: draw every this many epochs (>= 1); the last epoch is always drawn.
@@ -91,6 +93,7 @@ class BatchNormHeatmap(Callback):
             return
         values = to_host([t for _, m in layers for t in (m.running_mean, m.running_var)])
         stats = {n: (values[2 * i], values[2 * i + 1]) for i, (n, _) in enumerate(layers)}
-        image = render_heatmap(stats, f"epoch {epoch}, step {trainer.global_step}")
+        step = lightning_step(trainer, epoch_end=True)
+        image = render_heatmap(stats, f"epoch {epoch}, step {step}")
         for writer in writers:
-            writer.add_image(TAG, image, trainer.global_step, dataformats="HWC")
+            writer.add_image(TAG, image, step, dataformats="HWC")

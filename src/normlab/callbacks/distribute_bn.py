@@ -22,7 +22,10 @@ class DistributeBN(Callback):
     statistics (which never differ between ranks).
 
     Logs: the largest absolute change of a running statistic at each validation, as
-    ``norm/distribute_bn_shift`` (how far the processes' statistics had drifted apart).
+    ``norm/distribute_bn_shift`` (how far the processes' statistics had drifted apart). It is
+    measured in ``on_validation_start``, before ``PreciseBN`` (listed after it by
+    ``norm_callbacks``) recomputes the statistics from the same batches on every rank, which
+    would leave nothing to measure.
 
     Example::
 
@@ -42,7 +45,7 @@ class DistributeBN(Callback):
                     shift = torch.maximum(shift, (averaged - before).abs().max())
         return shift
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         shift = self._average(trainer, pl_module)

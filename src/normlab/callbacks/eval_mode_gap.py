@@ -14,7 +14,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlab.callbacks._tensorboard import check_count, tensorboard_writers, to_host
+from normlab.callbacks._tags import ACC_EVAL_MODE, ACC_TRAIN_MODE, MODE_GAP
+from normlab.callbacks._tensorboard import (
+    check_count,
+    lightning_step,
+    log_scalars,
+    scalar_loggers,
+    to_host,
+)
 
 log = logging.getLogger("normlab")
 
@@ -43,12 +50,12 @@ class EvalModeGap(Callback):
     BatchNorm layer in eval mode (running statistics: what ``val/acc`` measures) and as if in
     training mode (each batch's own statistics: the classic bug of forgetting ``model.eval()``).
 
-    Scalars at ``trainer.global_step``: ``bn_mode/acc_eval_mode``, ``bn_mode/acc_train_mode`` and
-    ``bn_mode/gap`` (train-mode minus eval-mode accuracy). The model's running statistics are never
-    touched (see :func:`batch_statistics`). Batches must be ``(images, labels)`` and the module's
-    ``forward`` must return logits. The eval-mode logits are those of the validation step's own
-    forward, so each measured batch costs one extra forward pass. Only global
-    rank 0 measures; models without ``nn.BatchNorm*`` layers log nothing.
+    Scalars, through every logger at the step of ``val/acc``: ``norm/acc_eval_mode``,
+    ``norm/acc_train_mode`` and ``norm/mode_gap`` (train-mode minus eval-mode accuracy). The
+    model's running statistics are never touched (see :func:`batch_statistics`). Batches must be
+    ``(images, labels)`` and the module's ``forward`` must return logits. The eval-mode logits
+    are those of the validation step's own forward, so each measured batch costs one extra
+    forward pass. Only global rank 0 measures; models without ``nn.BatchNorm*`` layers log nothing.
 
     Args:
         num_batches: validation batches measured per validation epoch (>= 1).
@@ -60,7 +67,7 @@ class EvalModeGap(Callback):
 
         from normlab.callbacks.eval_mode_gap import EvalModeGap
         trainer = Trainer(callbacks=[EvalModeGap(num_batches=4)])
-        trainer.fit(model)  # bn_mode/* in TensorBoard's Scalars tab
+        trainer.fit(model)  # norm/acc_*_mode, norm/mode_gap in TensorBoard
     """
 
     def __init__(self, num_batches: int = 1) -> None:
@@ -73,7 +80,7 @@ class EvalModeGap(Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._counts = None
-        self._active = not trainer.sanity_checking and bool(tensorboard_writers(trainer))
+        self._active = not trainer.sanity_checking and bool(scalar_loggers(trainer))
         if self._active and not any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
             if not self._told:
                 log.debug("EvalModeGap: the model has no nn.BatchNorm layers; nothing to log")
@@ -129,11 +136,12 @@ class EvalModeGap(Callback):
         (counts,) = to_host([self._counts])
         self._counts = None
         acc_eval, acc_train = counts[0] / counts[2], counts[1] / counts[2]
-        for writer in tensorboard_writers(trainer):
-            step = trainer.global_step
-            writer.add_scalar("bn_mode/acc_eval_mode", acc_eval, step)
-            writer.add_scalar("bn_mode/acc_train_mode", acc_train, step)
-            writer.add_scalar("bn_mode/gap", acc_train - acc_eval, step)
+        metrics = {
+            ACC_EVAL_MODE: acc_eval,
+            ACC_TRAIN_MODE: acc_train,
+            MODE_GAP: acc_train - acc_eval,
+        }
+        log_scalars(trainer, {k: float(v) for k, v in metrics.items()}, lightning_step(trainer))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hook()  # also when validation stopped early

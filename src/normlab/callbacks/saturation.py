@@ -12,7 +12,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from normlab.callbacks._tensorboard import check_count, tensorboard_writers, to_host
+from normlab.callbacks._tensorboard import (
+    check_count,
+    lightning_step,
+    log_scalars,
+    scalar_loggers,
+    to_host,
+)
 
 log = logging.getLogger("normlab")
 
@@ -54,7 +60,7 @@ class SaturationMonitor(Callback):
     sigmoid/tanh activation and the gradient norm of each layer: deep sigmoid networks without
     normalization saturate and their early layers' gradients vanish.
 
-    Scalars at step ``s = trainer.global_step`` (the step the batch is about to take):
+    Scalars through every logger at Lightning's step of the batch (where its ``train/loss`` is):
     ``saturation/<activation module>``, the fraction of the activation's inputs (pre-activations)
     in the saturated range (see :func:`saturation_threshold`; averaged over the micro-batches of
     that step) and, with ``grad_norms``, ``grad_norm/<module>``, the L2 norm of the gradients of
@@ -95,8 +101,8 @@ class SaturationMonitor(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or not tensorboard_writers(trainer):
+        step = lightning_step(trainer)
+        if step % self.every_n_steps or not scalar_loggers(trainer):
             return
         if self._step != step:  # the first micro-batch of a logging step
             self._remove_hooks()
@@ -125,16 +131,14 @@ class SaturationMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        if self._step != trainer.global_step or self._step < 0:
+        if self._step != lightning_step(trainer) or self._step < 0:
             return
         self._remove_hooks()
         grads = layer_grad_norms(pl_module) if self.grad_norms else {}
         tags = [f"saturation/{n}" for n in self._sums] + [f"grad_norm/{n}" for n in grads]
         fractions = [s / n for s, n in self._sums.values()]
-        scalars = dict(zip(tags, to_host([*fractions, *grads.values()]), strict=True))
-        for writer in tensorboard_writers(trainer):
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, float(value), self._step)
+        values = to_host([*fractions, *grads.values()])
+        log_scalars(trainer, {t: float(v) for t, v in zip(tags, values, strict=True)}, self._step)
         self._sums, self._step = {}, -1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

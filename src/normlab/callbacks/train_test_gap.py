@@ -11,7 +11,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from normlab.callbacks._tensorboard import check_count, tensorboard_writers, to_host
+from normlab.callbacks._tags import GAP_MEAN_SHIFT, GAP_VAR_RATIO, layer_tag
+from normlab.callbacks._tensorboard import (
+    check_count,
+    lightning_step,
+    log_scalars,
+    scalar_loggers,
+    to_host,
+)
 from normlab.norm import batchnorm_layers
 
 log = logging.getLogger("normlab")
@@ -44,11 +51,12 @@ class TrainTestGap(Callback):
     from the running statistics the layer normalizes with in eval mode: the train/test
     inconsistency of BatchNorm (large values: eval mode sees inputs unlike those it learned on).
 
-    Scalars at ``trainer.global_step``, averaged over the first ``num_batches`` validation batches
-    (see :func:`batch_stat_gap`): ``bn_gap/<layer>/mean_shift`` (0 is no gap) and
-    ``bn_gap/<layer>/var_ratio`` (1 is no gap). Layers without running statistics are skipped.
-    Forward pre-hooks read each layer's input; nothing in the model changes. Only global rank 0
-    measures; the sanity check, ``fast_dev_run`` and runs without TensorBoard log nothing.
+    Scalars, through every logger at the step of ``val/acc``, averaged over the first
+    ``num_batches`` validation batches (see :func:`batch_stat_gap`):
+    ``norm/<layer>/gap_mean_shift`` (0 is no gap) and ``norm/<layer>/gap_var_ratio`` (1 is no
+    gap). Layers without running statistics are skipped. Forward pre-hooks read each layer's
+    input; nothing in the model changes. Only global rank 0 measures; the sanity check,
+    ``fast_dev_run`` and runs without loggers log nothing.
 
     Args:
         num_batches: validation batches measured per validation epoch (>= 1).
@@ -60,7 +68,7 @@ class TrainTestGap(Callback):
 
         from normlab.callbacks.train_test_gap import TrainTestGap
         trainer = Trainer(callbacks=[TrainTestGap(num_batches=4)])
-        trainer.fit(model)  # bn_gap/* in TensorBoard's Scalars tab
+        trainer.fit(model)  # norm/<layer>/gap_* in TensorBoard
     """
 
     def __init__(self, num_batches: int = 4) -> None:
@@ -74,7 +82,7 @@ class TrainTestGap(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._remove_hooks()
         self._sums, self._batches, self._measuring = {}, 0, False
-        if trainer.sanity_checking or not tensorboard_writers(trainer):
+        if trainer.sanity_checking or not scalar_loggers(trainer):
             return
         for name, layer in batchnorm_layers(pl_module):
             if getattr(layer, "running_mean", None) is not None:
@@ -118,11 +126,11 @@ class TrainTestGap(Callback):
             return
         names = list(self._sums)
         values = to_host([torch.stack(self._sums[n]) for n in names])
-        for writer in tensorboard_writers(trainer):
-            for name, (shift, ratio) in zip(names, values, strict=True):
-                step = trainer.global_step
-                writer.add_scalar(f"bn_gap/{name}/mean_shift", shift / self._batches, step)
-                writer.add_scalar(f"bn_gap/{name}/var_ratio", ratio / self._batches, step)
+        metrics = {}
+        for name, (shift, ratio) in zip(names, values, strict=True):
+            metrics[layer_tag(name, GAP_MEAN_SHIFT)] = float(shift) / self._batches
+            metrics[layer_tag(name, GAP_VAR_RATIO)] = float(ratio) / self._batches
+        log_scalars(trainer, metrics, lightning_step(trainer))
         self._sums = {}
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

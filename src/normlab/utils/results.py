@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from normlab.utils.atomic_file import atomic_write
 
-# the config keys shown as columns of TensorBoard's HPARAMS table
+# the config keys shown as columns of TensorBoard's HPARAMS table (blank where a run lacks one)
 HPARAM_KEYS = (
+    "task_name",
+    "tags",
     "data.name",
     "data.scaling",
     "data.batch_size",
-    "norm.name",
+    "model._target_",
+    "model.net._target_",
+    "model.arch",
     "model.activation",
     "model.widths",
     "model.blocks_per_stage",
@@ -23,6 +28,21 @@ HPARAM_KEYS = (
     "model.optimizer.weight_decay",
     "trainer.max_epochs",
     "seed",
+)
+# norm keys every run declares (TensorBoard takes the table's columns from one run's declaration,
+# so a sweep over norms lines up); a run's other norm.* keys are added to its own row
+HPARAM_NORM_KEYS = (
+    "name",
+    "momentum",
+    "eps",
+    "affine",
+    "num_groups",
+    "precise_bn_batches",
+    "distribute_bn",
+    "freeze_at_epoch",
+    "calibration_batches",
+    "init_from",
+    "freeze_affine",
 )
 # the metric columns of the HPARAMS table, logged as hparams/<name with _ for />
 HPARAM_METRICS = ("val/acc", "test/acc", "val/loss", "test/loss", "train/acc", "train/loss")
@@ -44,36 +64,54 @@ def _select(cfg: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-def log_hparams(trainer: Any, cfg: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-    """Write one HPARAMS entry per TensorBoard logger: the run's config (``HPARAM_KEYS``) against
-    its real final metrics (scalars ``hparams/val_acc``, ``hparams/test_acc``, ... at the last
-    step), not Lightning's ``hp_metric=-1`` placeholder.
+def _cell(value: Any) -> bool | int | float | str:
+    """A table cell: numbers and booleans as they are, lists joined, absent keys blank."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Sequence):
+        return ", ".join(map(str, value))
+    return str(value)
 
-    Every run declares the same columns (``HPARAM_METRICS``; a metric the run lacks, such as
-    val/acc of an eval.py run, stays blank): TensorBoard takes the table's columns from one run's
-    declaration, so runs of one log dir line up in one table.
+
+def hparams_row(cfg: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """The run's HPARAMS columns: ``HPARAM_KEYS``, ``norm.<HPARAM_NORM_KEYS>`` and every other
+    key of the run's ``norm`` config."""
+    norm = cfg.get("norm") or {}
+    keys = [*HPARAM_KEYS, *(f"norm.{k}" for k in HPARAM_NORM_KEYS)]
+    keys += [f"norm.{k}" for k in norm if f"norm.{k}" not in keys]
+    return {key: _cell(_select(cfg, key)) for key in keys}
+
+
+def log_hparams(trainer: Any, cfg: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+    """Give every logger the run's config (:func:`hparams_row`) and its real final metrics
+    (``hparams/val_acc``, ``hparams/test_acc``, ...) through Lightning's public
+    ``logger.log_hyperparams``, at the step of the last metrics (not Lightning's ``hp_metric=-1``
+    placeholder).
+
+    TensorBoard receives both in one call, which makes its HPARAMS row; every run declares the
+    same metric columns (``HPARAM_METRICS``; one the run lacks, such as val/acc of an eval.py run,
+    is NaN) because TensorBoard takes the table's columns from one run's declaration. Other
+    loggers (CSV, ...) get the config as hyperparameters and the metrics the run has.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.tensorboard.summary import hparams
 
-    params = {}
-    for key in HPARAM_KEYS:
-        value = _select(cfg, key)
-        params[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    columns = {"hparams/" + k.replace("/", "_"): k for k in HPARAM_METRICS}
-    experiment, start, end = hparams(params, dict.fromkeys(columns, 0.0))
-    step = getattr(trainer, "global_step", 0)
+    from normlab.callbacks._tensorboard import lightning_step
+
+    params = hparams_row(cfg)
+    present = {
+        "hparams/" + k.replace("/", "_"): float(metrics[k]) for k in HPARAM_METRICS if k in metrics
+    }
+    declared = {"hparams/" + k.replace("/", "_"): math.nan for k in HPARAM_METRICS}
+    step = lightning_step(trainer)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.hparams.update(params)  # hparams.yaml; log_hyperparams could add a -1 metric
-            logger.save()
-            writer = logger.experiment
-            for summary in (experiment, start, end):
-                writer._get_file_writer().add_summary(summary, step)
-            for tag, key in columns.items():
-                if key in metrics:
-                    writer.add_scalar(tag, float(metrics[key]), step)
-            writer.flush()
+            logger.log_hyperparams(params, metrics={**declared, **present}, step=step)
+        else:
+            logger.log_hyperparams(params)
+            logger.log_metrics(present, step=step)
+        logger.save()
 
 
 def write_results(
