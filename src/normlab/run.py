@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,44 @@ from normlab.utils.results import final_metrics, log_hparams, write_results
 log = logging.getLogger("normlab")
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A component rejecting its config (a callback's argument, a model's arch or norm) is a
+    user error: raise the NormlabError itself, not Hydra's wrapper around it."""
+    try:
+        yield
+    except InstantiationException as err:
+        if isinstance(err.__cause__, NormlabError):
+            raise err.__cause__ from None
+        raise
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group of ``_target_`` configs (callbacks, loggers)."""
     if not group:
         return []
-    try:
+    with _user_errors():
         return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
-    except InstantiationException as err:  # a callback rejecting its arguments: a user error
-        if isinstance(err.__cause__, NormlabError):
-            raise err.__cause__ from None
-        raise
+
+
+def build_model(
+    model: Mapping[str, Any], norm: Mapping[str, Any], datamodule: Any
+) -> L.LightningModule:
+    """Instantiate the ``model`` config (any LightningModule ``_target_``; NormLabModule by
+    default) with the ``norm`` config and the data's ``num_classes`` / ``num_channels``. Its
+    nested configs (net, optimizer, scheduler) arrive as plain dicts, the module's
+    hyperparameters, so checkpoints stay plain data."""
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    norm = OmegaConf.to_container(norm, resolve=True) if isinstance(norm, DictConfig) else norm
+    with _user_errors():
+        return instantiate(
+            model,
+            norm=norm,
+            num_classes=datamodule.num_classes,
+            in_channels=datamodule.num_channels,
+            _recursive_=False,
+            _convert_="all",
+        )
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
@@ -62,14 +92,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
 
-    log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
-    model = instantiate(
-        cfg.model,
-        norm=OmegaConf.to_container(cfg.norm, resolve=True),
-        num_classes=datamodule.num_classes,
-        in_channels=datamodule.num_channels,
-        _convert_="all",
-    )
+    net = (cfg.model.get("net") or {}).get("_target_", "")
+    log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
+    model = build_model(cfg.model, cfg.norm, datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
@@ -112,8 +137,6 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint in eval mode with the data config and scaling statistics it was trained
     with; ``cfg.data`` entries that are not null replace the saved ones."""
-    from normlab.models import NormLabModule
-
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
@@ -126,7 +149,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if state:
         datamodule.load_state_dict(state)  # the training split's scaling statistics
 
-    model = NormLabModule(**checkpoint["hyper_parameters"])
+    # the model class and net the checkpoint's config names; its weights replace model.weights
+    model_cfg = dict(saved["model"])
+    if model_cfg.get("weights") is not None:
+        model_cfg["weights"] = None
+    model = build_model(model_cfg, saved["norm"], datamodule)
     model.load_state_dict(checkpoint["state_dict"])
     model.run_config = saved
 
