@@ -14,6 +14,7 @@ from normlab.errors import ConfigError
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 MODULE_TARGET = "normlab.models.NormLabModule"
+DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
 PRECISIONS = tuple("32-true bf16-mixed 16-mixed bf16-true 16-true 64-true 32 16 64 bf16".split())
@@ -247,12 +248,13 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError("seed", seed, "expected a non-negative integer (0 is fine)")
-    validate_data(cfg["data"])
+    if cfg["data"].get("_target_") == DATA_TARGET:  # a user's DataModule checks its own config
+        validate_data(cfg["data"])
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
         cfg["norm"].get("name") == "batchnorm"
-        and cfg["data"]["batch_size"] == 1
+        and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):
         raise ConfigError(

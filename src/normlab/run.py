@@ -15,13 +15,13 @@ from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
-from normlab.errors import NormlabError
+from normlab.errors import ConfigError, NormlabError
 from normlab.utils.checkpoints import find_last_checkpoint, load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 
@@ -46,6 +46,26 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
         return []
     with _user_errors():
         return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
+
+
+def build_datamodule(data: Mapping[str, Any], seed: int) -> L.LightningDataModule:
+    """Instantiate the ``data`` config: normlab's DataModule or a user's LightningDataModule
+    (which needs ``num_classes`` and ``num_channels``; it receives ``seed`` if it takes one)."""
+    from normlab.models.adapters import takes
+
+    extra = {"seed": seed} if takes(get_object(data["_target_"]), "seed") else {}
+    with _user_errors():
+        datamodule = instantiate(data, **extra, _convert_="all")
+    for attr in ("num_classes", "num_channels"):
+        if not isinstance(getattr(datamodule, attr, None), int):
+            raise ConfigError(
+                "data._target_",
+                data["_target_"],
+                f"{type(datamodule).__name__} has no integer attribute {attr!r}, which normlab"
+                " builds the model from; give the class num_classes and num_channels (see"
+                " docs/custom_models.md, 'Add your own data')",
+            )
+    return datamodule
 
 
 def build_model(
@@ -89,8 +109,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
-    log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
-    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    log.info(
+        "data: %s (scaling=%s)", cfg.data.get("name", cfg.data._target_), cfg.data.get("scaling")
+    )
+    datamodule = build_datamodule(cfg.data, cfg.seed)
 
     net = (cfg.model.get("net") or {}).get("_target_", "")
     log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
@@ -144,7 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     data_cfg = dict(saved["data"])
     data_cfg.update({k: v for k, v in (cfg.get("data") or {}).items() if v is not None})
-    datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+    datamodule = build_datamodule(data_cfg, cfg.seed)
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
         datamodule.load_state_dict(state)  # the training split's scaling statistics

@@ -154,7 +154,8 @@ def load_weights(net: nn.Module, path: str | Path) -> list[str]:
     return reinit
 
 
-def _takes(target: Any, name: str) -> bool:
+def takes(target: Any, name: str) -> bool:
+    """Whether the callable ``target``'s signature names the parameter ``name``."""
     try:
         return name in inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -179,7 +180,7 @@ def build_net(
         "conv_bias": lambda: not norm_has_bias(norm),
     }
     for key, value in offered.items():
-        if key not in kwargs and _takes(target, key):
+        if key not in kwargs and takes(target, key):
             kwargs[key] = value() if callable(value) else value
     net = target(**kwargs)
     if not isinstance(net, nn.Module):
