@@ -26,7 +26,12 @@ class BlobsDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.num_classes, self.num_channels = num_classes, channels
-        self.size, self.num_samples, self.batch_size, self.seed = size, num_samples, batch_size, seed
+        self.size, self.num_samples, self.batch_size, self.seed = (
+            size,
+            num_samples,
+            batch_size,
+            seed,
+        )
 
     def _split(self, n: int, offset: int) -> TensorDataset:
         gen = torch.Generator().manual_seed(self.seed + offset)

@@ -76,7 +76,7 @@ class FrozenBatchNorm2d(nn.Module):
         affine = getattr(bn, "affine", bn.weight is not None)
         momentum = getattr(bn, "momentum", 0.1)
         frozen = cls(
-            bn.num_features, bn.eps if eps is None else eps, freeze_affine, affine, momentum
+            channels_of(bn), bn.eps if eps is None else eps, freeze_affine, affine, momentum
         )
         rm = bn.running_mean
         frozen.to(device=rm.device, dtype=rm.dtype)
@@ -175,6 +175,13 @@ def keep_children(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+def channels_of(m: nn.Module) -> int:
+    """The channel count of a BatchNorm-like layer (torchvision's frozen one has no
+    ``num_features``)."""
+    ref = m.running_mean if getattr(m, "running_mean", None) is not None else m.weight
+    return getattr(m, "num_features", None) or int(ref.shape[0])
+
+
 def is_frozen_batchnorm(m: nn.Module) -> bool:
     """Ours or torchvision's ``FrozenBatchNorm2d`` (``torchvision.ops.FrozenBatchNorm2d``)."""
     return isinstance(m, FrozenBatchNorm2d) or (
@@ -214,7 +221,7 @@ def convert_to_batchnorm(module: nn.Module, momentum: float | None | str = "keep
         rm = m.running_mean
         mom = getattr(m, "momentum", 0.1) if momentum == "keep" else momentum
         affine = m.weight is not None
-        bn = nn.BatchNorm2d(m.num_features, m.eps, mom, affine, device=rm.device, dtype=rm.dtype)
+        bn = nn.BatchNorm2d(channels_of(m), m.eps, mom, affine, device=rm.device, dtype=rm.dtype)
         if affine:
             keep = isinstance(m.weight, nn.Parameter)
             bn.weight = m.weight if keep else nn.Parameter(m.weight.detach().clone())

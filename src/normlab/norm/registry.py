@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from normlab.errors import NormConfigError
 from normlab.norm.layers import (
     FrozenBatchNorm2d,
+    channels_of,
     convert_to_batchnorm,
     convert_to_frozen,
     is_batchnorm,
@@ -136,9 +137,9 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
         model = convert_to_batchnorm(model, momentum)
         return replace_modules(model, lambda n, m: _update_batchnorm(m, cfg))
     if name == "groupnorm":
-        bad = [(n, m.num_features) for n, m in layers if m.num_features % cfg["num_groups"]]
+        bad = [(n, channels_of(m)) for n, m in layers if channels_of(m) % cfg["num_groups"]]
         if bad:
-            channels = sorted({m.num_features for _, m in layers})
+            channels = sorted({channels_of(m) for _, m in layers})
             raise NormConfigError(
                 "norm.num_groups",
                 cfg["num_groups"],
@@ -149,7 +150,7 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
     def swap(n: str, m: nn.Module) -> nn.Module | None:
         if not is_batchnorm(m):
             return None
-        new = _build_norm(name, _settings(cfg, m), m.num_features)
+        new = _build_norm(name, _settings(cfg, m), channels_of(m))
         ref = m.running_mean if m.running_mean is not None else next(m.parameters(), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
@@ -174,7 +175,7 @@ def _update_batchnorm(m: nn.Module, cfg: Mapping[str, Any]) -> nn.Module | None:
     if same:
         return m
     ref = m.running_mean if m.running_mean is not None else m.weight
-    new = _build_norm("batchnorm", settings, m.num_features).to(ref.device, ref.dtype)
+    new = _build_norm("batchnorm", settings, channels_of(m)).to(ref.device, ref.dtype)
     if new.running_mean is not None and m.running_mean is not None:
         new.load_state_dict(
             {k: v for k, v in m.state_dict().items() if k in new.state_dict()}, strict=False
