@@ -86,7 +86,8 @@ def validate_norm_config(
         _check(_is_int(groups) and groups >= 1, "num_groups", groups, allowed)
         bad = [c for c in channels if c % groups]
         if bad:
-            allowed = f"it does not divide the channel count {bad[0]} of a normalized layer; use "
+            allowed = f"it does not divide the channel count {bad[0]} of a normalized layer; use"
+            allowed += " one of the "
             _check(False, "num_groups", groups, allowed + divisors_hint(channels))
     _check_freeze_at(get("freeze_at_epoch"), max_epochs)
     for key in ("freeze_at_epoch", "precise_bn_batches"):
