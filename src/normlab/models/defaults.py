@@ -57,6 +57,9 @@ class ModelConfig:
     """``model``: ``normlab.models.NormLabModule``, which wraps any ``net``."""
 
     _target_: str = "normlab.models.NormLabModule"
+    # net, optimizer and scheduler reach NormLabModule as configs (its plain-data
+    # hyperparameters), also for a plain hydra.utils.instantiate(cfg.model, ...)
+    _recursive_: bool = False
     net: Any = None
     # the architecture name of a net built by name (model=torchvision / model=timm)
     arch: Any = None

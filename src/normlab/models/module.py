@@ -27,9 +27,18 @@ CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's c
 DEFAULT = "default"  # scheduler's default: the CLI's (None means a constant learning rate)
 
 
+def _plain(value: Any) -> Any:
+    """A config as plain data (an OmegaConf node from Hydra becomes dicts and lists)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def _with_default(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
     """A mapping with ``_target_`` replaces the default; one without overrides its values."""
-    given = dict(given or {})
+    given = dict(_plain(given) or {})
     return given if "_target_" in given else {**default(name), **given}
 
 
@@ -98,8 +107,8 @@ class NormLabModule(L.LightningModule):
             net["arch"] = arch
         optimizer = _with_default("optimizer", optimizer)
         scheduler = default("scheduler") if scheduler == DEFAULT else scheduler
-        scheduler = dict(scheduler) if scheduler else None
-        norm = dict(norm)
+        scheduler = dict(_plain(scheduler)) if scheduler else None
+        norm = dict(_plain(norm))
         # after the normalization above: the hyperparameters are the complete plain-data configs
         self.save_hyperparameters()
         built = build_net(net, num_classes, in_channels, norm)
