@@ -30,8 +30,8 @@ def randomized(arch: str) -> nn.Module:
 
 
 def bn_settings(model: nn.Module) -> dict[str, tuple[float, float | None]]:
-    return {
-        n: (m.eps, m.momentum)
+    return {  # a frozen layer carries the momentum of the BatchNorm it was frozen from
+        n: (m.eps, m.source_momentum if isinstance(m, FrozenBatchNorm2d) else m.momentum)
         for n, m in model.named_modules()
         if isinstance(m, _BatchNorm | FrozenBatchNorm2d)
     }

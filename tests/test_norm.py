@@ -252,9 +252,9 @@ def test_frozen_matches_batchnorm_eval_and_never_updates() -> None:
         assert torch.equal(v, buffers[k]), k
     assert frozen.weight.grad is not None and frozen.bias.grad is not None
     assert frozen.weight.grad.abs().sum() > 0
-    # momentum is not used by the frozen layer: it is carried back by convert_to_batchnorm
-    assert (frozen.momentum, frozen.affine, frozen.track_running_stats) == (0.1, True, True)
-    assert "eps=1e-05" in repr(frozen) and "momentum" not in repr(frozen)
+    assert (frozen.momentum, frozen.affine, frozen.track_running_stats) == (None, True, True)
+    assert "eps=1e-05" in repr(frozen) and "momentum=None" in repr(frozen)
+    assert frozen.source_momentum == 0.1  # given back by convert_to_batchnorm
 
 
 def test_frozen_freeze_affine_has_no_trainable_params() -> None:

@@ -24,8 +24,9 @@ class FrozenBatchNorm2d(nn.Module):
     ``running_var``, ``num_batches_tracked``), so checkpoints load in both directions. Any input
     of shape (N, C, ...) works, so it also replaces ``BatchNorm1d``/``BatchNorm3d``.
 
-    ``momentum`` is not used here: it is the momentum of the BatchNorm this layer was converted
-    from, given back by :func:`convert_to_batchnorm` (a round trip keeps each layer's own).
+    ``momentum`` is None (the statistics never update); ``source_momentum`` is the momentum of
+    the BatchNorm this layer was converted from, given back by :func:`convert_to_batchnorm` (a
+    round trip keeps each layer's own).
 
     Example::
 
@@ -33,7 +34,8 @@ class FrozenBatchNorm2d(nn.Module):
         frozen = convert_to_frozen(model)  # every BatchNorm in place
     """
 
-    track_running_stats = True  # mirrors BatchNorm so inspection tools can print it
+    momentum = None  # attributes mirror BatchNorm so inspection tools can print them
+    track_running_stats = True
 
     def __init__(
         self,
@@ -41,10 +43,10 @@ class FrozenBatchNorm2d(nn.Module):
         eps: float = 1e-5,
         freeze_affine: bool = False,
         affine: bool = True,
-        momentum: float | None = 0.1,
+        source_momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.num_features, self.eps, self.source_momentum = num_features, eps, source_momentum
         self.freeze_affine, self.affine = freeze_affine, affine
         if affine and freeze_affine:
             self.register_buffer("weight", torch.ones(num_features))
@@ -113,7 +115,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
+            f"{self.num_features}, eps={self.eps}, momentum=None, affine={self.affine}, "
             f"track_running_stats=True, freeze_affine={self.freeze_affine}"
         )
 
@@ -219,7 +221,7 @@ def convert_to_batchnorm(module: nn.Module, momentum: float | None | str = "keep
         if not is_frozen_batchnorm(m):
             return None
         rm = m.running_mean
-        mom = getattr(m, "momentum", 0.1) if momentum == "keep" else momentum
+        mom = getattr(m, "source_momentum", 0.1) if momentum == "keep" else momentum
         affine = m.weight is not None
         bn = nn.BatchNorm2d(channels_of(m), m.eps, mom, affine, device=rm.device, dtype=rm.dtype)
         if affine:

@@ -60,6 +60,8 @@ def _settings(cfg: Mapping[str, Any], layer: nn.Module | None = None) -> dict[st
             own = getattr(layer, key, fresh) if layer is not None else fresh
             if key == "affine" and layer is not None:
                 own = getattr(layer, "weight", None) is not None
+            if key == "momentum" and layer is not None:
+                own = getattr(layer, "source_momentum", own)
             out[key] = CUMULATIVE if key == "momentum" and own is None else own
     return out
 
