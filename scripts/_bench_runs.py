@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from normlab import run
 from normlab.callbacks import norm_callbacks
 from normlab.config import register_resolvers
 from normlab.norm import param_groups
@@ -72,13 +73,7 @@ def recipe_callbacks(cfg: DictConfig, inspection: bool) -> list[Callback]:
 def build_model(cfg: DictConfig, datamodule: Any, seed: int = 0) -> Any:
     """The LightningModule train.py builds, with the same initial weights for every variant."""
     torch.manual_seed(seed)
-    return instantiate(
-        cfg.model,
-        norm=OmegaConf.to_container(cfg.norm, resolve=True),
-        num_classes=datamodule.num_classes,
-        in_channels=datamodule.num_channels,
-        _convert_="all",
-    )
+    return run.build_model(cfg.model, cfg.norm, datamodule)
 
 
 def now(device: torch.device | None = None) -> tuple[float, float]:

@@ -17,7 +17,7 @@ FAST = [
     "trainer=cpu",
     "trainer.max_epochs=1",
     "callbacks.rich_progress_bar=null",
-    "model.widths=[8,16]",
+    "model.net.widths=[8,16]",
     "data.batch_size=64",
 ]
 

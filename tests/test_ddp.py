@@ -94,7 +94,16 @@ def _free_port() -> int:
 def _model(norm: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = {"name": norm}
-    model = ConvNet(1, 10, make_norm_factory(cfg), not norm_has_bias(cfg), widths=(8, 16))
+    model = ConvNet(
+        1,
+        10,
+        widths=(8, 16),
+        blocks_per_stage=1,
+        activation="relu",
+        dropout=0.0,
+        norm_layer=make_norm_factory(cfg),
+        conv_bias=not norm_has_bias(cfg),
+    )
     if norm == "frozen":  # non-trivial frozen statistics, identical on every rank
         gen = torch.Generator().manual_seed(1)
         for m in model.modules():

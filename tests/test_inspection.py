@@ -330,7 +330,7 @@ def test_inspect_bn_finds_groupnorm_layers(tmp_path, capsys):
     from normlab.models import NormLabModule
 
     norm = {"name": "groupnorm", "num_groups": 4}
-    model = NormLabModule(num_classes=10, in_channels=1, norm=norm, widths=[8, 16])
+    model = NormLabModule(num_classes=10, in_channels=1, norm=norm, net={"widths": [8, 16]})
     ckpt = tmp_path / "groupnorm.ckpt"
     payload = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
     torch.save({**payload, "normlab": {"format": 1, "config": None}}, ckpt)

@@ -73,9 +73,11 @@ def test_batchnorm_running_stats_after_one_batch() -> None:
     assert bn.num_batches_tracked.item() == 1
 
 
-def test_batchnorm_momentum_none_is_cumulative_average() -> None:
+def test_batchnorm_momentum_cumulative_is_cumulative_average() -> None:
     torch.manual_seed(1)
-    bn = make_norm_factory({"name": "batchnorm", "momentum": None})(4)
+    # null means "unset" (PyTorch's 0.1 for a fresh layer); "cumulative" is PyTorch's None
+    assert make_norm_factory({"name": "batchnorm", "momentum": None})(4).momentum == 0.1
+    bn = make_norm_factory({"name": "batchnorm", "momentum": "cumulative"})(4)
     assert bn.momentum is None
     xs = [torch.randn(8, 4, 5, 5) * (i + 1) + i for i in range(3)]
     for x in xs:
@@ -252,6 +254,7 @@ def test_frozen_matches_batchnorm_eval_and_never_updates() -> None:
     assert frozen.weight.grad.abs().sum() > 0
     assert (frozen.momentum, frozen.affine, frozen.track_running_stats) == (None, True, True)
     assert "eps=1e-05" in repr(frozen) and "momentum=None" in repr(frozen)
+    assert frozen.source_momentum == 0.1  # given back by convert_to_batchnorm
 
 
 def test_frozen_freeze_affine_has_no_trainable_params() -> None:

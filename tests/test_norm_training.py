@@ -29,11 +29,12 @@ def tiny_data(**kwargs):
     )
 
 
-def tiny_model(norm: dict, **optimizer):
+def tiny_model(norm: dict, name: str = "adamw", **optimizer):
     from normlab.models import NormLabModule
 
-    opt = {"name": "adamw", "lr": 0.01, "weight_decay": 1e-4, "norm_weight_decay": 0.0, **optimizer}
-    return NormLabModule(4, 1, norm, widths=[4, 8], optimizer=opt, scheduler={"name": "none"})
+    opt = {"lr": 0.01, "weight_decay": 1e-4, "norm_weight_decay": 0.0, **optimizer}
+    opt["_target_"] = {"adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}[name]
+    return NormLabModule(4, 1, norm, net={"widths": [4, 8]}, optimizer=opt, scheduler=None)
 
 
 def first_batches(datamodule, n: int, epoch: int = 0) -> list[torch.Tensor]:
@@ -207,7 +208,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     # Lightning updates last.ckpt only in epochs that save a top-k checkpoint.
     common = (
         *FAST,
-        "model.scheduler.name=none",
+        "model.scheduler=null",
         "callbacks=no_inspection",
         "callbacks.model_checkpoint.save_top_k=-1",
         "test=false",

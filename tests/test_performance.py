@@ -21,7 +21,12 @@ from normlab.errors import ConfigError
 from normlab.models import NormLabModule
 from tests.conftest import ROOT, run_script
 
-TINY = {"num_classes": 4, "in_channels": 3, "norm": {"name": "batchnorm"}, "widths": [8, 16]}
+TINY = {
+    "num_classes": 4,
+    "in_channels": 3,
+    "norm": {"name": "batchnorm"},
+    "net": {"widths": [8, 16]},
+}
 
 
 def make_folder(root: Path, per_class: int = 14) -> Path:
@@ -193,7 +198,7 @@ def test_bf16_mixed_trains_on_cpu_and_predicts_like_fp32() -> None:
         synthetic={"num_samples": 640, "num_test": 0, "shape": [3, 8, 8], "num_classes": 4},
     )
     torch.manual_seed(0)
-    model = NormLabModule(**TINY, optimizer={"name": "adamw", "lr": 1e-2})
+    model = NormLabModule(**TINY, optimizer={"lr": 1e-2})
     losses: list[float] = []
 
     class Losses(L.Callback):
@@ -260,7 +265,7 @@ def test_bench_measures_the_recipe_callbacks(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import _bench_runs as runs
 
-    cfg = runs.compose_config(["trainer=cpu", "model.widths=[8,16]"], tmp_path)
+    cfg = runs.compose_config(["trainer=cpu", "model.net.widths=[8,16]"], tmp_path)
     inspection = {c._target_ for c in cfg.callbacks.values() if runs.is_inspection(c)}
     # the BatchNorm statistics callbacks of configs/callbacks/default.yaml are what is toggled
     assert "normlab.callbacks.bn_stats.BatchNormStats" in inspection

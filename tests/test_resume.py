@@ -24,7 +24,7 @@ RESUME = [
     *FAST,
     "trainer.max_epochs=2",
     f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-    "model.dropout=0.3",
+    "model.net.dropout=0.3",
     "test=false",
 ]
 
@@ -69,7 +69,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
     assert first["global_step"] == STEPS_PER_EPOCH
     assert first["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1
     assert "rng" in first["callbacks"]["RNGStateCheckpoint"]
-    assert first["hyper_parameters"]["dropout"] == 0.3
+    assert first["hyper_parameters"]["net"]["dropout"] == 0.3
 
     resumed = run_script(
         "train.py",

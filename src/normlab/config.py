@@ -15,8 +15,8 @@ from typing import Any
 from normlab.errors import ConfigError
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "step")
+MODULE_TARGET = "normlab.models.NormLabModule"
+DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
 PRECISIONS = tuple("32-true bf16-mixed 16-mixed bf16-true 16-true 64-true 32 16 64 bf16".split())
@@ -27,9 +27,13 @@ SOURCE_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3, "i
 
 
 def register_resolvers() -> None:
-    """Register the OmegaConf resolvers the configs use (idempotent)."""
+    """Register the OmegaConf resolvers and the structured configs (``normlab_cnn``, ...) that
+    configs/ uses (idempotent)."""
     from omegaconf import OmegaConf
 
+    from normlab.models.defaults import register_configs
+
+    register_configs()
     if not OmegaConf.has_resolver("normlab_pid"):
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
 
@@ -173,21 +177,55 @@ def _streaming(data: Mapping[str, Any]) -> None:
         )
 
 
-def validate_model(model: Mapping[str, Any]) -> None:
-    widths = model.get("widths")
+def _target(cfg: Any, key: str) -> str:
+    target = cfg.get("_target_") if isinstance(cfg, Mapping) else None
+    if not isinstance(target, str) or not target:
+        raise ConfigError(
+            f"{key}._target_", target, "expected the dotted name of a class, e.g. pkg.module.Class"
+        )
+    return target
+
+
+def validate_convnet(net: Mapping[str, Any]) -> None:
+    """The keys of ``model.net`` when it is normlab's ConvNet (``model=cnn``)."""
+    widths = net.get("widths")
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ConfigError("model.widths", widths, "expected a list of positive integers")
-    _number(model, "blocks_per_stage", "model", kind=int, low=1)
-    _number(model, "dropout", "model", low=0, high=0.99)
-    _choice(model.get("activation"), "model.activation", ACTIVATIONS)
+        raise ConfigError("model.net.widths", widths, "expected a list of positive integers")
+    _number(net, "blocks_per_stage", "model.net", kind=int, low=1)
+    _number(net, "dropout", "model.net", low=0, high=0.99)
+    _choice(net.get("activation"), "model.net.activation", ACTIVATIONS)
+
+
+def validate_model(model: Mapping[str, Any]) -> None:
+    """Check the ``model`` config: NormLabModule's own keys when it is the module, the ConvNet's
+    keys when it is the net; a user's module or net is checked by its own constructor."""
+    from normlab.models.defaults import CONVNET_TARGET
+
+    if _target(model, "model") != MODULE_TARGET:
+        return
+    net = model.get("net")
+    if net is not None and _target(net, "model.net") == CONVNET_TARGET:
+        validate_convnet(net)
+    arch = model.get("arch")
+    if arch is not None and (not isinstance(arch, str) or not arch):
+        raise ConfigError("model.arch", arch, "expected an architecture name, e.g. resnet18")
+    weights = model.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not Path(weights).is_file()):
+        raise ConfigError(
+            "model.weights",
+            weights,
+            "no such file; give a local state_dict file (.pth/.safetensors), or null."
+            " Nothing is downloaded at run time (see docs/models.md for where to get weights)",
+        )
     opt = model.get("optimizer") or {}
-    _choice(opt.get("name"), "model.optimizer.name", OPTIMIZERS)
+    _target(opt, "model.optimizer")
     _number(opt, "lr", "model.optimizer", low=0, low_open=True, high=10)
-    _number(opt, "weight_decay", "model.optimizer", low=0)
-    _number(opt, "norm_weight_decay", "model.optimizer", low=0)
-    if opt.get("momentum") is not None:
-        _number(opt, "momentum", "model.optimizer", low=0, high=0.999)
-    _choice((model.get("scheduler") or {}).get("name", "none"), "model.scheduler.name", SCHEDULERS)
+    _number(opt, "weight_decay", "model.optimizer", low=0, optional=True)
+    _number(opt, "norm_weight_decay", "model.optimizer", low=0, optional=True)
+    _number(opt, "momentum", "model.optimizer", low=0, high=0.999, optional=True)
+    if model.get("scheduler") is not None:
+        _target(model["scheduler"], "model.scheduler")
+        _number(model["scheduler"], "T_max", "model.scheduler", kind=int, low=1, optional=True)
     for key in ("channels_last", "compile"):
         if not isinstance(model.get(key, False), bool):
             raise ConfigError(f"model.{key}", model.get(key), "expected true or false")
@@ -314,12 +352,13 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     """Check types and ranges of the user-facing keys; raises ConfigError naming the key."""
     _seed(cfg.get("seed"))
     _train_or_test(cfg)
-    validate_data(cfg["data"])
+    if cfg["data"].get("_target_") == DATA_TARGET:  # a user's DataModule checks its own config
+        validate_data(cfg["data"])
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
         cfg["norm"].get("name") == "batchnorm"
-        and cfg["data"]["batch_size"] == 1
+        and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):
         raise ConfigError(
@@ -332,9 +371,13 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
             " batches",
         )
     validate_ckpt_path(cfg.get("ckpt_path"))
-    # last: norm.py imports torch, and the checks above should answer without it
-    from normlab.norm import validate_norm_config
+    from normlab.models.defaults import CONVNET_TARGET
+    from normlab.norm.schema import validate_norm_config
 
-    validate_norm_config(
-        cfg["norm"], channels=list(cfg["model"]["widths"]), max_epochs=cfg["trainer"]["max_epochs"]
+    # the ConvNet's normalized channels are known now; other models are checked at conversion
+    net = cfg["model"].get("net") or {}
+    convnet = (
+        cfg["model"].get("_target_") == MODULE_TARGET and net.get("_target_") == CONVNET_TARGET
     )
+    channels = list(net["widths"]) if convnet else []
+    validate_norm_config(cfg["norm"], channels=channels, max_epochs=cfg["trainer"]["max_epochs"])

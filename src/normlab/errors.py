@@ -22,3 +22,8 @@ class CheckpointError(NormlabError):
 class DivergenceError(NormlabError, FloatingPointError):
     """The training loss became NaN or infinite; raised by ``DivergenceGuard`` before the
     optimizer applies the step, so the checkpoints on disk hold the last good weights."""
+
+
+class NormConfigError(ConfigError):
+    """A bad ``norm.*`` value, or a norm that does not fit a layer of the model (e.g. a
+    ``num_groups`` that does not divide its channels); names the key, the value and the fix."""

@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
-from normlab.errors import NormlabError
+from normlab.errors import ConfigError, NormlabError
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
@@ -43,16 +45,68 @@ def _print_lightning_once() -> None:
 _print_lightning_once()
 
 
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """A component rejecting its config (a callback's argument, a model's arch or norm) is a
+    user error: raise the NormlabError itself, not Hydra's wrapper around it."""
+    try:
+        yield
+    except InstantiationException as err:
+        if isinstance(err.__cause__, NormlabError):
+            raise err.__cause__ from None
+        raise
+
+
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group of ``_target_`` configs (callbacks, loggers)."""
     if not group:
         return []
-    try:
+    with _user_errors():
         return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
-    except InstantiationException as err:  # a callback rejecting its arguments: a user error
-        if isinstance(err.__cause__, NormlabError):
-            raise err.__cause__ from None
-        raise
+
+
+def build_datamodule(data: Mapping[str, Any], seed: int) -> L.LightningDataModule:
+    """Instantiate the ``data`` config: normlab's DataModule or a user's LightningDataModule
+    (which needs ``num_classes`` and ``num_channels``; it receives ``seed`` if it takes one)."""
+    from normlab.models.adapters import takes
+
+    extra = {"seed": seed} if takes(get_object(data["_target_"]), "seed") else {}
+    with _user_errors():
+        datamodule = instantiate(data, **extra, _convert_="all")
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        # download (data.download=true) before num_classes below reads the data; DDP ranks > 0
+        # start later, from trainer.fit, when the files are there
+        datamodule.prepare_data()
+    for attr in ("num_classes", "num_channels"):
+        if not isinstance(getattr(datamodule, attr, None), int):
+            raise ConfigError(
+                "data._target_",
+                data["_target_"],
+                f"{type(datamodule).__name__} has no integer attribute {attr!r}, which normlab"
+                " builds the model from; give the class num_classes and num_channels (see"
+                " docs/custom_models.md, 'Add your own data')",
+            )
+    return datamodule
+
+
+def build_model(
+    model: Mapping[str, Any], norm: Mapping[str, Any], datamodule: Any
+) -> L.LightningModule:
+    """Instantiate the ``model`` config (any LightningModule ``_target_``; NormLabModule by
+    default) with the ``norm`` config and the data's ``num_classes`` / ``num_channels``. Its
+    nested configs (net, optimizer, scheduler) arrive as plain dicts, the module's
+    hyperparameters, so checkpoints stay plain data."""
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    norm = OmegaConf.to_container(norm, resolve=True) if isinstance(norm, DictConfig) else norm
+    with _user_errors():
+        return instantiate(
+            model,
+            norm=norm,
+            num_classes=datamodule.num_classes,
+            in_channels=datamodule.num_channels,
+            _recursive_=False,
+            _convert_="all",
+        )
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
@@ -85,22 +139,16 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
-    log.info("data: %s (scaling=%s)", cfg.data.name, cfg.data.scaling)
-    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        # download (data.download=true) before num_classes below reads the data; DDP ranks > 0
-        # start later, from trainer.fit, when the files are there
-        datamodule.prepare_data()
-    datamodule.check_usable(train=cfg.train, test=cfg.test)  # classes, a training step, a test
-
-    log.info("model: %s with norm=%s", cfg.model._target_, cfg.norm.name)
-    model = instantiate(
-        cfg.model,
-        norm=OmegaConf.to_container(cfg.norm, resolve=True),
-        num_classes=datamodule.num_classes,
-        in_channels=datamodule.num_channels,
-        _convert_="all",
+    log.info(
+        "data: %s (scaling=%s)", cfg.data.get("name", cfg.data._target_), cfg.data.get("scaling")
     )
+    datamodule = build_datamodule(cfg.data, cfg.seed)
+    if hasattr(datamodule, "check_usable"):  # classes, a training step, a test split
+        datamodule.check_usable(train=cfg.train, test=cfg.test)
+
+    net = (cfg.model.get("net") or {}).get("_target_", "")
+    log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
+    model = build_model(cfg.model, cfg.norm, datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
     callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
@@ -146,20 +194,22 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint in eval mode with the data config and scaling statistics it was trained
     with; ``cfg.data`` entries that are not null replace the saved ones."""
-    from normlab.models import NormLabModule
-
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint["normlab"]["config"]
 
     data_cfg = eval_data_config(saved["data"], cfg.get("data") or {})
-    datamodule = instantiate(data_cfg, seed=cfg.seed, _convert_="all")
+    datamodule = build_datamodule(data_cfg, cfg.seed)
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
         datamodule.load_state_dict(state)  # the training split's scaling statistics
 
-    model = NormLabModule(**checkpoint["hyper_parameters"])
+    # the model class and net the checkpoint's config names; its weights replace model.weights
+    model_cfg = dict(saved["model"])
+    if model_cfg.get("weights") is not None:
+        model_cfg["weights"] = None
+    model = build_model(model_cfg, saved["norm"], datamodule)
     model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
 

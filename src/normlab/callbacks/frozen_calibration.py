@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from normlab.callbacks._batches import TrainingBatches
 from normlab.errors import CheckpointError
 from normlab.norm import FrozenBatchNorm2d, init_from_state_dict
-from normlab.precise_bn import apply_population_stats, estimate_population_stats
+from normlab.norm.stats import apply_population_stats, estimate_population_stats
 
 log = logging.getLogger("normlab")
 
@@ -26,8 +26,9 @@ class FrozenBNCalibration(Callback):
       find its statistics in the checkpoint.
     - otherwise: the precise-BN population estimate (``normlab.precise_bn``) over the first
       ``num_batches`` training batches, on every process alike (same batches, same result).
-    - resuming (``trainer.fit(ckpt_path=...)``): nothing; the checkpoint holds the statistics and
-      they are never re-estimated.
+    - resuming (``trainer.fit(ckpt_path=...)``), or a model whose statistics came with its
+      weights (``NormLabModule(weights=...)``, ``model.weights``: the detection-backbone recipe):
+      nothing; those statistics are never re-estimated.
 
     Logs one info line saying where the statistics came from (and how far they moved).
 
@@ -61,6 +62,9 @@ class FrozenBNCalibration(Callback):
             return
         if trainer.ckpt_path:
             message = f"frozen BatchNorm: resuming, statistics come from {trainer.ckpt_path}"
+        elif self._source is None and getattr(pl_module, "uncalibrated", True) is False:
+            # NormLabModule(weights=...) or a loaded state_dict: pretrained statistics, kept
+            message = "frozen BatchNorm: statistics from the model's weights (not re-estimated)"
         elif self._source is not None:
             message = self._load(pl_module, frozen)
         else:
@@ -79,7 +83,7 @@ class FrozenBNCalibration(Callback):
             raise CheckpointError(
                 f"norm.init_from={self.init_from} has no running statistics of the same shape for"
                 f" layer(s) {missing}: it was trained with another architecture; give a checkpoint"
-                " with the same model.widths / model.blocks_per_stage, or norm.init_from=null."
+                " of the same model (model.net), or norm.init_from=null."
             )
         pl_module.load_state_dict(matching, strict=False)  # copies in place: optimizer unaffected
         skipped = sorted(set(own) - set(matching))

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.callbacks._batches import TrainingBatches
-from normlab.precise_bn import apply_population_stats, estimate_population_stats
+from normlab.norm.stats import apply_population_stats, estimate_population_stats
 
 log = logging.getLogger("normlab")
 

@@ -20,6 +20,9 @@ class ConvNet(nn.Module):
     """``len(widths)`` stages of ``blocks_per_stage`` x (conv3x3 -> norm -> activation), 2x2
     max-pooling between stages, global average pooling, dropout and a linear classifier.
 
+    The architecture's defaults live in ``normlab.models.defaults.ConvNetConfig`` (the CLI's
+    ``model=cnn`` and ``NormLabModule``'s Python API both use them).
+
     Args:
         in_channels: input image channels.
         num_classes: output logits.
@@ -35,12 +38,13 @@ class ConvNet(nn.Module):
         self,
         in_channels: int,
         num_classes: int,
-        norm_layer: Callable[[int], nn.Module],
+        *,
+        widths: Sequence[int],
+        blocks_per_stage: int,
+        activation: str,
+        dropout: float,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         conv_bias: bool = True,
-        widths: Sequence[int] = (32, 64, 128),
-        blocks_per_stage: int = 1,
-        activation: str = "relu",
-        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         act = ACTIVATIONS[activation]

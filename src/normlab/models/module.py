@@ -1,53 +1,96 @@
-"""The LightningModule: a ConvNet whose normalization comes from ``norm.py``, trained with
-cross-entropy, measured with torchmetrics, optimized as ``model.optimizer`` / ``model.scheduler``
-say. Its hyperparameters are plain data, so every checkpoint loads with ``weights_only=True``."""
+"""The LightningModule: any net (``model.net``, a ``_target_`` config) whose normalization is the
+``norm`` config, trained with cross-entropy, measured with torchmetrics, optimized by
+``model.optimizer`` / ``model.scheduler`` (``_target_`` configs with ``_partial_: true``). Its
+hyperparameters are these config dicts (plain data), so every checkpoint loads with
+``weights_only=True`` and ``eval.py`` rebuilds the model from them."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlab.models.backbone import ConvNet
-from normlab.norm import (
+from normlab.errors import ConfigError
+from normlab.models.adapters import build_net, load_weights
+from normlab.models.defaults import default
+from normlab.norm.layers import (
+    FrozenBatchNorm2d,
     freeze_named_layers,
     frozen_layer_names,
-    make_norm_factory,
-    norm_has_bias,
     param_groups,
 )
+from normlab.norm.registry import convert_norm
 
 log = logging.getLogger("normlab")
 CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's composed config
+DEFAULT = "default"  # scheduler's default: the CLI's (None means a constant learning rate)
+
+
+def _plain(value: Any) -> Any:
+    """A config as plain data (an OmegaConf node from Hydra becomes dicts and lists)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _with_default(name: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A mapping with ``_target_`` replaces the default; one without overrides its values."""
+    given = dict(_plain(given) or {})
+    return given if "_target_" in given else {**default(name), **given}
+
+
+def _loaded(module: NormLabModule, incompatible_keys: Any) -> None:
+    """A loaded state_dict (a checkpoint, init_from) holds the statistics of frozen layers."""
+    module.uncalibrated = False
 
 
 class NormLabModule(L.LightningModule):
-    """Image classifier with configurable normalization.
+    """Image classifier around any net, with its normalization switched by ``norm``.
+
+    The net is built from ``net`` (it receives ``num_classes``, ``in_channels``, ``norm_layer``
+    and ``conv_bias`` when its signature names them), ``weights`` are loaded into it, then every
+    BatchNorm is converted to ``norm`` (``normlab.norm.convert_norm``). Defaults are those of
+    ``normlab.models.defaults``, the same as the command line's ``model=cnn``.
 
     Args:
         num_classes: number of classes (from the data).
         in_channels: input channels (from the data).
         norm: the ``norm`` config group as a dict, e.g. ``{"name": "batchnorm", "momentum": 0.1}``.
-        widths, blocks_per_stage, activation, dropout: the backbone (see ``ConvNet``).
-        optimizer: ``{"name": "adamw"|"adam"|"sgd", "lr", "weight_decay", "norm_weight_decay",
-            "momentum"}``; norm parameters (gamma/beta) get ``norm_weight_decay``.
-        scheduler: ``{"name": "none"|"cosine"|"step", "step_size", "gamma"}``, stepped per epoch.
+        net: ``{"_target_": "pkg.Class", **kwargs}``; without ``_target_``: overrides of the default
+            ConvNet (``{"widths": [8, 16]}``); None: the default ConvNet.
+        arch: architecture name passed to the net as ``arch`` (``model=torchvision|timm``).
+        weights: a local state_dict file (.pth/.safetensors) loaded before the norm conversion, so
+            ``norm=frozen`` keeps its statistics; tensors of another shape are re-initialised.
+        optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., ...}`` (a partial, given the named
+            parameter groups ``"weights"`` and ``"norm"``); ``norm_weight_decay`` is the norm
+            group's weight decay. Without ``_target_``: overrides of the default AdamW.
+        scheduler: a partial epoch-wise scheduler config; ``T_max`` of ``CosineAnnealingLR``
+            defaults to ``trainer.max_epochs``; None: constant learning rate.
         channels_last: keep conv weights and inputs in channels-last (NHWC) memory, the layout
-            GPU tensor cores prefer (``model.channels_last``); the results are the same.
-        compile: run the backbone through ``torch.compile`` (``model.compile``); parameters and
-            checkpoint keys stay those of the eager module.
+            GPU tensor cores prefer; the results are the same.
+        compile: run the net through ``torch.compile``; parameters and checkpoint keys stay those
+            of the eager module.
+
+    Raises:
+        ConfigError: a bad net, arch or weights file; NormConfigError: a norm that does not fit.
+        ConfigError at fit/test time: ``norm=frozen`` statistics that nothing set (no
+            ``FrozenBNCalibration`` callback, no weights, no loaded checkpoint).
 
     Example::
 
         model = NormLabModule(num_classes=10, in_channels=1, norm={"name": "batchnorm"})
-        logits = model(torch.randn(8, 1, 8, 8))
+        resnet = NormLabModule(10, 1, {"name": "frozen"}, net={"_target_":
+            "normlab.models.torchvision_net"}, arch="resnet18", weights="resnet18.pth")
     """
 
     def __init__(
@@ -55,27 +98,36 @@ class NormLabModule(L.LightningModule):
         num_classes: int,
         in_channels: int,
         norm: Mapping[str, Any],
-        widths: Sequence[int] = (32, 64, 128),
-        blocks_per_stage: int = 1,
-        activation: str = "relu",
-        dropout: float = 0.0,
+        net: Mapping[str, Any] | None = None,
+        arch: str | None = None,
+        weights: str | None = None,
         optimizer: Mapping[str, Any] | None = None,
-        scheduler: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None | str = DEFAULT,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        net = _with_default("net", net)
+        if arch is not None:
+            if net.get("arch", arch) != arch:
+                raise ConfigError("model.arch", arch, f"model.net.arch is {net['arch']!r} already")
+            net["arch"] = arch
+        optimizer = _with_default("optimizer", optimizer)
+        scheduler = default("scheduler") if scheduler == DEFAULT else scheduler
+        scheduler = dict(_plain(scheduler)) if scheduler else None
+        norm = dict(_plain(norm))
+        # after the normalization above: the hyperparameters are the complete plain-data configs
         self.save_hyperparameters()
-        self.net = ConvNet(
-            in_channels,
-            num_classes,
-            norm_layer=make_norm_factory(norm),
-            conv_bias=not norm_has_bias(norm),
-            widths=widths,
-            blocks_per_stage=blocks_per_stage,
-            activation=activation,
-            dropout=dropout,
+        built = build_net(net, num_classes, in_channels, norm)
+        if weights:
+            load_weights(built, weights)
+        self.net = convert_norm(built, norm)
+        # frozen statistics nobody has set yet: a calibration callback, weights or a loaded
+        # state_dict must set them before the model is trained or evaluated
+        self.uncalibrated = not weights and any(
+            isinstance(m, FrozenBatchNorm2d) for m in self.net.modules()
         )
+        self.register_load_state_dict_post_hook(_loaded)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -89,6 +141,31 @@ class NormLabModule(L.LightningModule):
         self.mean_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val_", "test_")})
         # the composed run config, stored in checkpoints so eval.py can rebuild data and model
         self.run_config: dict[str, Any] | None = None
+
+    def _refuse_uncalibrated(self) -> None:
+        if self.uncalibrated:
+            raise ConfigError(
+                "norm.name",
+                "frozen",
+                "the FrozenBatchNorm2d layers hold statistics nothing has set (zeros and ones):"
+                " add normlab.callbacks.FrozenBNCalibration(num_batches=20) to the Trainer's"
+                " callbacks (train.py does), pass weights=<a state_dict file with BatchNorm"
+                " statistics>, or load a checkpoint first",
+            )
+
+    def on_fit_start(self) -> None:
+        # FrozenBNCalibration (on_fit_start of callbacks runs first) sets the statistics
+        from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+
+        if any(isinstance(c, FrozenBNCalibration) for c in self.trainer.callbacks):
+            self.uncalibrated = False
+        self._refuse_uncalibrated()
+
+    def on_validation_start(self) -> None:
+        self._refuse_uncalibrated()
+
+    def on_test_start(self) -> None:
+        self._refuse_uncalibrated()
 
     def forward(self, x: Tensor) -> Tensor:
         return self._backbone()(x.contiguous(memory_format=self.memory_format))
@@ -143,26 +220,16 @@ class NormLabModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        opt = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "norm_weight_decay": 0.0}
-        opt.update(self.hparams.optimizer or {})
-        groups = param_groups(self, opt["weight_decay"], opt["norm_weight_decay"])
-        if opt["name"] == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=opt["lr"], momentum=opt.get("momentum", 0.9))
-        elif opt["name"] == "adam":
-            optimizer = torch.optim.Adam(groups, lr=opt["lr"])
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=opt["lr"])
-        sched = dict(self.hparams.scheduler or {"name": "none"})
-        if sched["name"] == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.trainer.max_epochs)
-            )
-        elif sched["name"] == "step":
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, step_size=sched.get("step_size", 10), gamma=sched.get("gamma", 0.1)
-            )
-        else:
+        opt = dict(self.hparams.optimizer)
+        norm_weight_decay = opt.pop("norm_weight_decay", None) or 0.0
+        groups = param_groups(self, opt.get("weight_decay") or 0.0, norm_weight_decay)
+        optimizer = instantiate({**opt, "_partial_": True}, _convert_="all")(groups)
+        if not self.hparams.scheduler:
             return optimizer
+        sched = {k: v for k, v in self.hparams.scheduler.items() if v is not None}
+        if sched["_target_"].endswith("CosineAnnealingLR") and "T_max" not in sched:
+            sched["T_max"] = max(1, self.trainer.max_epochs)  # the horizon is the run's length
+        scheduler = instantiate({**sched, "_partial_": True}, _convert_="all")(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},

@@ -1,0 +1,88 @@
+"""The model's defaults, written once: the structured configs behind ``configs/model/*.yaml``
+(registered with Hydra's ConfigStore) and the defaults of ``NormLabModule``'s Python API, so the
+CLI and a Python user build the same model with the same optimizer. Imports no torch.
+
+Fields are typed ``Any`` on purpose: normlab checks values itself (``normlab.config``) and
+answers with one ``normlab: error:`` paragraph naming the key, rather than OmegaConf's error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+CONVNET_TARGET = "normlab.models.ConvNet"
+
+
+@dataclass
+class ConvNetConfig:
+    """``model.net`` of ``model=cnn``: ``normlab.models.ConvNet``'s architecture."""
+
+    _target_: str = CONVNET_TARGET
+    # output channels of each stage (3x3 convs, 2x2 max-pooling between stages)
+    widths: Any = field(default_factory=lambda: [32, 64, 128])
+    # conv -> norm -> activation blocks per stage
+    blocks_per_stage: Any = 1
+    # relu | sigmoid | tanh | gelu | silu | leaky_relu
+    activation: Any = "relu"
+    # dropout before the classifier
+    dropout: Any = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    """``model.optimizer``: a partial optimizer, given the parameter groups by NormLabModule."""
+
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: Any = 0.003
+    weight_decay: Any = 0.0001
+    # weight decay of norm parameters (gamma/beta), in their own parameter group "norm";
+    # consumed by NormLabModule, not passed to the optimizer
+    norm_weight_decay: Any = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    """``model.scheduler``: a partial epoch-wise LR scheduler (null: constant LR)."""
+
+    _target_: str = "torch.optim.lr_scheduler.CosineAnnealingLR"
+    _partial_: bool = True
+    # null: trainer.max_epochs (the cosine reaches its minimum at the end of training)
+    T_max: Any = None
+
+
+@dataclass
+class ModelConfig:
+    """``model``: ``normlab.models.NormLabModule``, which wraps any ``net``."""
+
+    _target_: str = "normlab.models.NormLabModule"
+    # net, optimizer and scheduler reach NormLabModule as configs (its plain-data
+    # hyperparameters), also for a plain hydra.utils.instantiate(cfg.model, ...)
+    _recursive_: bool = False
+    net: Any = None
+    # the architecture name of a net built by name (model=torchvision / model=timm)
+    arch: Any = None
+    # a local state_dict file (.pth/.pt/.safetensors) loaded before the norm conversion
+    weights: Any = None
+    optimizer: Any = field(default_factory=OptimizerConfig)
+    scheduler: Any = field(default_factory=SchedulerConfig)
+    # channels-last (NHWC) memory for convolutions, the layout GPU tensor cores prefer
+    channels_last: Any = False
+    # torch.compile the net (the first steps are slower while it compiles)
+    compile: Any = False
+
+
+def default(name: str) -> dict[str, Any]:
+    """A fresh plain-dict copy of a default: ``"net"`` (the ConvNet), ``"optimizer"``,
+    ``"scheduler"``."""
+    return asdict({"net": ConvNetConfig, "optimizer": OptimizerConfig}.get(name, SchedulerConfig)())
+
+
+def register_configs() -> None:
+    """Store the structured configs that ``configs/model/*.yaml`` start from (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="normlab_module", node=ModelConfig)
+    cs.store(group="model", name="normlab_cnn", node=ModelConfig(net=ConvNetConfig()))
