@@ -26,7 +26,7 @@ from tests.conftest import FAST, ROOT, run_script
 # a wide model: its checkpoint (weights and AdamW moments) takes long enough to write that a
 # kill lands inside the write; one training and one validation batch keep each epoch short
 WIDE = [
-    "model.widths=[512,512]",
+    "model.net.widths=[512,512]",
     "trainer.limit_train_batches=1",
     "trainer.limit_val_batches=1",
     "data.eval_batch_size=64",
@@ -182,7 +182,7 @@ def test_full_disk_keeps_previous_checkpoints(small_disk: Path, foreign_tmpdir: 
     # each checkpoint of widths [256, 256] is about 7 MB: two fit on the 16 MiB disk, a third
     # (epoch 1's best or the rewrite of last.ckpt) does not
     run = run_script(
-        "train.py", *FAST, *WIDE, "model.widths=[256,256]", "trainer.max_epochs=3",
+        "train.py", *FAST, *WIDE, "model.net.widths=[256,256]", "trainer.max_epochs=3",
         "logger=csv", run_dir=small_disk / "run", env={"TMPDIR": str(foreign_tmpdir)},
     )  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]

@@ -165,7 +165,7 @@ IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
      ["class folder(s) without images", "/owl", "remove them"]),
     # values that ended in a traceback
     ("lr_nan", ["model.optimizer.lr=nan"], "", ["model.optimizer.lr=nan", "finite"]),
-    ("dropout_nan", ["model.dropout=nan"], "", ["model.dropout=nan", "finite"]),
+    ("dropout_nan", ["model.net.dropout=nan"], "", ["model.net.dropout=nan", "finite"]),
     ("val_fraction_nan", ["data.val_fraction=nan"], "", ["data.val_fraction=nan", "finite"]),
     ("clip_nan", ["trainer.gradient_clip_val=nan"], "", ["trainer.gradient_clip_val=nan"]),
     ("weight_decay_nan", ["model.optimizer.weight_decay=nan"], "",
@@ -228,7 +228,7 @@ def test_bad_input_in_process(case: tuple, tmp_path: Path, capsys) -> None:
         _folder(tmp_path / "images", layout)
     args = [o.replace("{tmp}", str(tmp_path / "images")) for o in overrides]
     run_dir = tmp_path / "run"
-    fast = ["trainer=cpu", "model.widths=[8,16]", "callbacks=none", "logger=csv"]
+    fast = ["trainer=cpu", "model.net.widths=[8,16]", "callbacks=none", "logger=csv"]
     _, cfg = compose_train([*fast, *args], run_dir)
     with pytest.raises(SystemExit) as info:
         run_task("train", cfg)

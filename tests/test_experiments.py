@@ -219,4 +219,4 @@ def test_debug_overrides_an_experiments_trainer_settings() -> None:
     # debug is last in the defaults list: debug=limit wins over experiment's max_epochs=5
     cfg = compose_with_hydra("experiment=sigmoid_saturation", "debug=limit")
     assert cfg.trainer.max_epochs == 2 and cfg.trainer.limit_train_batches == 4
-    assert cfg.model.activation == "sigmoid"  # the rest of the experiment still applies
+    assert cfg.model.net.activation == "sigmoid"  # the rest of the experiment still applies

@@ -178,3 +178,28 @@ def test_batchnorm_lifecycle_on_a_torchvision_resnet() -> None:
     assert len(frozen) == n_bn == 20 and "net.layer1.0.bn1" in frozen
     assert trainer.callback_metrics["norm/precise_bn_max_shift"] > 0
     assert not frozen["net.layer1.0.bn1"].weight.eq(1).all()  # gamma learned
+
+
+def test_model_activation_is_the_nets_activation() -> None:
+    # DESIGN's command-line key: model.activation=sigmoid, whatever model= says
+    from normlab.run import build_model
+
+    data = SimpleNamespace(num_classes=10, num_channels=1)
+    cfg = compose_train("model.activation=sigmoid", "norm=none")
+    validate_train_config(cfg)
+    cnn = build_model(cfg["model"], cfg["norm"], data)
+    acts = {type(m) for m in cnn.net.modules() if isinstance(m, nn.Sigmoid | nn.ReLU)}
+    assert acts == {nn.Sigmoid}
+    assert cnn.hparams.net["activation"] == "sigmoid"  # a checkpoint rebuilds the same net
+
+    timm_cfg = compose_train("model=timm", "model.arch=resnet10t", "model.activation=sigmoid")
+    resnet = build_model(timm_cfg["model"], timm_cfg["norm"], data)
+    names = {type(m).__name__ for m in resnet.net.modules()}  # timm has a Sigmoid class of its own
+    assert "Sigmoid" in names and "ReLU" not in names
+
+    tv = compose_train("model=torchvision", "model.activation=sigmoid")
+    with pytest.raises(ConfigError, match="model.activation='sigmoid'.*take no activation"):
+        build_model(tv["model"], tv["norm"], data)
+    with pytest.raises(ConfigError, match="model.activation='swish'.*relu, sigmoid"):
+        bad = compose_train("model.activation=swish")
+        validate_train_config(bad)

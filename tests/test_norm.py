@@ -418,7 +418,7 @@ def test_acc_is_the_fraction_of_correct_predictions() -> None:
     # 3 of 4 right, all predicted as class 0: accuracy 0.75 (macro averaging would say 0.5)
     from normlab.models import NormLabModule
 
-    model = NormLabModule(num_classes=2, in_channels=1, norm={"name": "none"}, widths=[2])
+    model = NormLabModule(num_classes=2, in_channels=1, norm={"name": "none"}, net={"widths": [2]})
     labels = torch.tensor([0, 0, 0, 1])
     logits = torch.tensor([[1.0, 0.0]] * 4)
     for stage in ("train_", "val_", "test_"):

@@ -89,7 +89,7 @@ def test_sigterm_and_ctrl_c_save_a_resumable_checkpoint(tmp_path: Path) -> None:
         run_dir=tmp_path / "resumed",
     )
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert f"resuming from the newest last.ckpt of task train: {preempted}" in resumed.output
+    assert f"ckpt_path=last: resuming {preempted}" in resumed.output
     end = torch.load(resumed.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert end["epoch"] == epochs - 1
     assert end["global_step"] == epochs * STEPS_PER_EPOCH

@@ -136,7 +136,7 @@ def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> Non
     from tests.test_norm import fake_checkpoint
 
     torch.manual_seed(0)
-    source = NormLabModule(10, 1, {"name": "batchnorm", "affine": False}, widths=[4, 6])
+    source = NormLabModule(10, 1, {"name": "batchnorm", "affine": False}, net={"widths": [4, 6]})
     with torch.no_grad():  # statistics and biases far from their initial zeros/ones
         for name, tensor in source.state_dict().items():
             if name.endswith(("running_mean", ".bias")):
@@ -146,7 +146,7 @@ def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> Non
     assert source.net.features[0].bias is not None
     path = fake_checkpoint(tmp_path / "bn.ckpt", source.state_dict())
 
-    frozen = NormLabModule(10, 1, {"name": "frozen"}, widths=[4, 6])
+    frozen = NormLabModule(10, 1, {"name": "frozen"}, net={"widths": [4, 6]})
     assert frozen.net.features[0].bias is None
     message = FrozenBNCalibration(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
     assert "conv biases folded into running_mean: ['net.features.0.bias'" in message

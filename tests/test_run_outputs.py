@@ -30,7 +30,12 @@ def test_eval_batch_size_is_the_test_loader_batch_size() -> None:
 def test_float64_run_stores_tags_and_eval_batch_size_keeps_accuracy(tmp_path: Path) -> None:
     # norm=frozen: eval-mode outputs do not depend on the batch, so eval with batches of 7 must
     # reproduce the test accuracy that training measured with batches of 512
-    args = ["trainer=cpu", "trainer.max_epochs=1", "callbacks=no_inspection", "model.widths=[8,16]"]
+    args = [
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "callbacks=no_inspection",
+        "model.net.widths=[8,16]",
+    ]
     trained = run_script(
         "train.py", *args, "trainer.precision=64-true", "norm=frozen", "tags=[fp64,smoke]",
         run_dir=tmp_path / "train",

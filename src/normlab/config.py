@@ -206,6 +206,8 @@ def validate_model(model: Mapping[str, Any]) -> None:
     net = model.get("net")
     if net is not None and _target(net, "model.net") == CONVNET_TARGET:
         validate_convnet(net)
+    if model.get("activation") is not None:
+        _choice(model.get("activation"), "model.activation", ACTIVATIONS)
     arch = model.get("arch")
     if arch is not None and (not isinstance(arch, str) or not arch):
         raise ConfigError("model.arch", arch, "expected an architecture name, e.g. resnet18")

@@ -45,7 +45,13 @@ def replace_first_conv(net: nn.Module, in_channels: int) -> str | None:
     return None
 
 
-def torchvision_net(arch: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+def torchvision_net(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    activation: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """``torchvision.models.get_model(arch, weights=None, num_classes=...)`` for any torchvision
     classification model (``resnet18``, ``mobilenet_v3_small``, ``efficientnet_b0``, ...), its
     first convolution adapted to ``in_channels``. ``kwargs`` go to the builder.
@@ -63,13 +69,26 @@ def torchvision_net(arch: str, num_classes: int, in_channels: int = 3, **kwargs:
             f"not a torchvision classification model; choose one of {', '.join(names[:12])}, ..."
             " (all: torchvision.models.list_models(module=torchvision.models))",
         )
+    if activation is not None:
+        raise ConfigError(
+            "model.activation",
+            activation,
+            "torchvision's model builders take no activation; leave it null, or use model=timm"
+            " (act_layer) or model=cnn",
+        )
     net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         replace_first_conv(net, in_channels)
     return net
 
 
-def timm_net(arch: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+def timm_net(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    activation: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """``timm.create_model(arch, pretrained=False, num_classes=..., in_chans=in_channels)``
     (nothing is downloaded; pretrained weights come from ``model.weights``).
 
@@ -85,6 +104,8 @@ def timm_net(arch: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -
             'not a timm model; list them with python -c "import timm;'
             " print(timm.list_models('resnet*'))\" (e.g. resnet10t, resnet18, efficientnet_b0)",
         )
+    if activation is not None:  # timm names activations as normlab does (relu, sigmoid, ...)
+        kwargs["act_layer"] = activation
     return timm.create_model(
         arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
     )

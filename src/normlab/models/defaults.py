@@ -63,6 +63,9 @@ class ModelConfig:
     net: Any = None
     # the architecture name of a net built by name (model=torchvision / model=timm)
     arch: Any = None
+    # the net's activation, e.g. sigmoid (model=cnn: replaces model.net.activation; model=timm:
+    # its act_layer); null keeps the net's own
+    activation: Any = None
     # a local state_dict file (.pth/.pt/.safetensors) loaded before the norm conversion
     weights: Any = None
     optimizer: Any = field(default_factory=OptimizerConfig)

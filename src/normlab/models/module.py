@@ -69,6 +69,8 @@ class NormLabModule(L.LightningModule):
         net: ``{"_target_": "pkg.Class", **kwargs}``; without ``_target_``: overrides of the default
             ConvNet (``{"widths": [8, 16]}``); None: the default ConvNet.
         arch: architecture name passed to the net as ``arch`` (``model=torchvision|timm``).
+        activation: the net's activation (``relu``, ``sigmoid``, ...), passed to it as
+            ``activation``; None keeps the net's own (the ConvNet's ``net["activation"]``).
         weights: a local state_dict file (.pth/.safetensors) loaded before the norm conversion, so
             ``norm=frozen`` keeps its statistics; tensors of another shape are re-initialised.
         optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., ...}`` (a partial, given the named
@@ -100,6 +102,7 @@ class NormLabModule(L.LightningModule):
         norm: Mapping[str, Any],
         net: Mapping[str, Any] | None = None,
         arch: str | None = None,
+        activation: str | None = None,
         weights: str | None = None,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None | str = DEFAULT,
@@ -112,6 +115,8 @@ class NormLabModule(L.LightningModule):
             if net.get("arch", arch) != arch:
                 raise ConfigError("model.arch", arch, f"model.net.arch is {net['arch']!r} already")
             net["arch"] = arch
+        if activation is not None:  # model.activation: the command line's key for it
+            net["activation"] = activation
         optimizer = _with_default("optimizer", optimizer)
         scheduler = default("scheduler") if scheduler == DEFAULT else scheduler
         scheduler = dict(_plain(scheduler)) if scheduler else None
