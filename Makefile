@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install train test test-fast lint format clean
+.PHONY: help install train test test-fast test-e2e lint format clean
 
 help:
 	@echo "make train ARGS='norm=none trainer.max_epochs=3'   train (sets up .venv first)"
 	@echo "make test                                        run the whole test suite"
-	@echo "make test-fast                                   skip tests marked slow"
+	@echo "make test-fast                                   in-process tests only (about a minute)"
+	@echo "make test-e2e                                    the end-to-end tier: train.py runs, DDP, sweeps"
 	@echo "make lint / make format                          ruff"
 
 $(STAMP): pyproject.toml
@@ -30,7 +31,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	NORMLAB_FAST_TIER=1 $(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m "e2e or slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

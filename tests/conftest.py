@@ -1,9 +1,14 @@
-"""Shared test helpers: run the real entry points as subprocesses, the way a user does."""
+"""Shared test helpers: run the real entry points as subprocesses, the way a user does; and the
+test tiers. A test is in the end-to-end tier (marker ``e2e``) when it, or a fixture it uses,
+starts a process (train.py, eval.py, tensorboard, DDP workers): ``make test-fast`` deselects
+them and refuses any subprocess run that slips through, so the fast tier stays in-process."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +25,35 @@ FAST = [
     "model.net.widths=[8,16]",
     "data.batch_size=64",
 ]
+
+
+# what starts another process: the helpers below, subprocess, multiprocessing's spawn
+STARTS_A_PROCESS = re.compile(r"\b(run_script|run_sweep|train_run|subprocess\.|Popen|mp\.spawn)\b")
+FAST_TIER = "NORMLAB_FAST_TIER"  # set by `make test-fast`
+
+
+def _starts_a_process(func) -> bool:
+    try:
+        return bool(STARTS_A_PROCESS.search(inspect.getsource(func)))
+    except (OSError, TypeError):
+        return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test that starts a process itself or through one of its fixtures."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        funcs = [getattr(item, "function", None)]
+        if fixtures is not None:
+            funcs += [d.func for defs in fixtures.name2fixturedefs.values() for d in defs]
+        if any(f is not None and _starts_a_process(f) for f in funcs):
+            item.add_marker(pytest.mark.e2e)
+
+
+def _refuse_in_fast_tier() -> None:
+    if os.environ.get(FAST_TIER):
+        pytest.fail("this test starts train.py/eval.py: make test-fast runs in-process tests only")
 
 
 @dataclass
@@ -51,6 +85,7 @@ def run_script(
     """Run ``python <script> overrides...`` from the repo root with its run dir at ``run_dir``
     and its log dir at ``log_dir`` (default: beside it); returns the exit code, output and run
     dir."""
+    _refuse_in_fast_tier()
     cmd = [
         sys.executable,
         str(ROOT / script),
@@ -74,6 +109,7 @@ def run_sweep(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python train.py -m overrides...`` with its sweep dir at ``sweep_dir`` and its log dir
     beside it; ``.stdout`` / ``.stderr`` hold the output."""
+    _refuse_in_fast_tier()
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),

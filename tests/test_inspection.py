@@ -25,6 +25,7 @@ CADENCE = [
     "callbacks.bn_stats.histograms_every_n_steps=5",
     "callbacks.bn_stats.scalars_every_n_steps=2",
     "callbacks.bn_stats.per_channel=true",
+    "callbacks.bn_heatmap.every_n_epochs=1",
     "norm.precise_bn_batches=2",
     "logger=many",
 ]
