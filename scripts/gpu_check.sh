@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a single-GPU machine (the tests never need one):
 #   1. a short training run on CIFAR-shaped synthetic data in fp32, and with bf16 mixed precision
-#      plus channels_last, through train.py;
+#      plus channels_last, through train.py; and a torchvision ResNet-18 with frozen statistics
+#      (model=torchvision norm=frozen) in bf16;
 #   2. the SyncBatchNorm conversion Lightning applies for trainer.sync_batchnorm=true: outputs and
 #      running statistics equal BatchNorm2d's in a one-process group, FrozenBatchNorm2d untouched;
 #   3. a short table of the results.
@@ -27,6 +28,9 @@ COMMON=(trainer=gpu data=synthetic trainer.max_epochs=3 callbacks.rich_progress_
 "$PY" train.py "${COMMON[@]}" hydra.run.dir="$OUT/fp32" > "$OUT/fp32.log" 2>&1
 "$PY" train.py "${COMMON[@]}" trainer.precision=bf16-mixed model.channels_last=true \
   hydra.run.dir="$OUT/bf16_channels_last" > "$OUT/bf16_channels_last.log" 2>&1
+"$PY" train.py "${COMMON[@]}" model=torchvision model.arch=resnet18 norm=frozen \
+  trainer.precision=bf16-mixed hydra.run.dir="$OUT/resnet18_frozen_bf16" \
+  > "$OUT/resnet18_frozen_bf16.log" 2>&1
 
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys, tempfile
@@ -40,7 +44,7 @@ from normlab.norm import FrozenBatchNorm2d, convert_to_frozen, make_norm_factory
 
 out = Path(sys.argv[1])
 rows = []
-for name in ("fp32", "bf16_channels_last"):
+for name in ("fp32", "bf16_channels_last", "resnet18_frozen_bf16"):
     r = json.loads((out / name / "results.json").read_text())
     m = r["metrics"]
     rows.append((name, m.get("val/acc"), m.get("test/acc"), r.get("wall_time_s")))
@@ -50,10 +54,17 @@ store = tempfile.NamedTemporaryFile(delete=False).name
 dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
 torch.manual_seed(0)
 cfg = {"name": "batchnorm"}
-bn_model = ConvNet(3, 10, make_norm_factory(cfg), False, widths=(16, 32)).cuda()
-sync_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
-    ConvNet(3, 10, make_norm_factory(cfg), False, widths=(16, 32))
-).cuda()
+
+
+def convnet() -> ConvNet:
+    return ConvNet(
+        3, 10, widths=(16, 32), blocks_per_stage=1, activation="relu", dropout=0.0,
+        norm_layer=make_norm_factory(cfg), conv_bias=False,
+    )
+
+
+bn_model = convnet().cuda()
+sync_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convnet()).cuda()
 sync_model.load_state_dict(bn_model.state_dict())
 x = torch.randn(32, 3, 32, 32, device="cuda")
 diff_out = (bn_model(x) - sync_model(x)).abs().max().item()
@@ -63,7 +74,7 @@ diff_stats = max(
     if "running" in ka
 )
 n_sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in sync_model.modules())
-frozen = convert_to_frozen(ConvNet(3, 10, make_norm_factory(cfg), False, widths=(16, 32)))
+frozen = convert_to_frozen(convnet())
 frozen = torch.nn.SyncBatchNorm.convert_sync_batchnorm(frozen)
 n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules())
 dist.destroy_process_group()
