@@ -133,6 +133,9 @@ def _ddp_worker(rank: int, norm: str, port: int, out: str) -> None:
     _step(model, x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B])
     if rank == 0:
         torch.save(model.module.state_dict(), out)
+    # both ranks leave together: a rank that tears gloo down while the other is still busy
+    # can abort it ("terminate called without an active exception"), seen on a loaded machine
+    dist.barrier()
     dist.destroy_process_group()
 
 
