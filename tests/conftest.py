@@ -32,22 +32,54 @@ STARTS_A_PROCESS = re.compile(r"\b(run_script|run_sweep|train_run|subprocess\.|P
 FAST_TIER = "NORMLAB_FAST_TIER"  # set by `make test-fast`
 
 
-def _starts_a_process(func) -> bool:
+def _source(func) -> str:
     try:
-        return bool(STARTS_A_PROCESS.search(inspect.getsource(func)))
+        return inspect.getsource(func)
     except (OSError, TypeError):
-        return False
+        return ""
+
+
+def _calls(names: set[str]) -> re.Pattern | None:
+    return re.compile(r"\b(" + "|".join(map(re.escape, sorted(names))) + r")\(") if names else None
+
+
+def _starts(source: str, starters: re.Pattern | None) -> bool:
+    return bool(STARTS_A_PROCESS.search(source) or (starters and starters.search(source)))
+
+
+def _process_starters(module) -> re.Pattern | None:
+    """The module's functions that start a process, directly or through one another (a fixture
+    calling a ``train(...)`` helper that calls ``run_script``), as a pattern of their calls."""
+    funcs = {
+        name: f
+        for name, f in vars(module).items()
+        if inspect.isfunction(f) and f.__module__ == module.__name__
+    }
+    starters: set[str] = set()
+    while True:
+        pattern = _calls(starters)
+        new = {n for n, f in funcs.items() if n not in starters and _starts(_source(f), pattern)}
+        if not new:
+            return pattern
+        starters |= new
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``e2e`` every test that starts a process itself or through one of its fixtures."""
+    """Mark ``e2e`` every test that starts a process itself, through a fixture, or through a
+    helper function of its module."""
+    starters: dict[str, re.Pattern | None] = {}
     for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
+        module = getattr(item, "module", None)
+        if module is None:
+            continue
+        if module.__name__ not in starters:
+            starters[module.__name__] = _process_starters(module)
         funcs = [getattr(item, "function", None)]
+        fixtures = getattr(item, "_fixtureinfo", None)
         if fixtures is not None:
             funcs += [d.func for defs in fixtures.name2fixturedefs.values() for d in defs]
-        if any(f is not None and _starts_a_process(f) for f in funcs):
+        if any(_starts(_source(f), starters[module.__name__]) for f in funcs if f is not None):
             item.add_marker(pytest.mark.e2e)
 
 
