@@ -1,5 +1,5 @@
-"""Unit tests for normlab.norm and normlab.precise_bn: norm factory, validation, FrozenBatchNorm2d,
-conversions, weight decay groups, precise-BN population statistics."""
+"""Unit tests for normlab.norm: the norm factory, validation, FrozenBatchNorm2d, conversions,
+weight decay groups, precise-BN population statistics (normlab.norm.stats)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from normlab.norm import (
     param_groups,
     validate_norm_config,
 )
-from normlab.precise_bn import apply_population_stats, estimate_population_stats
+from normlab.norm.stats import apply_population_stats, estimate_population_stats
 
 
 def small_cnn(norm: str = "batchnorm") -> nn.Sequential:

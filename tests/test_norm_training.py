@@ -13,7 +13,7 @@ from torch import nn
 
 from normlab.errors import CheckpointError
 from normlab.norm import FrozenBatchNorm2d, batchnorm_layers
-from normlab.precise_bn import estimate_population_stats
+from normlab.norm.stats import estimate_population_stats
 from tests.conftest import FAST, Run, run_script
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")

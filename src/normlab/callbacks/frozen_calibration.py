@@ -24,7 +24,7 @@ class FrozenBNCalibration(Callback):
       BatchNorm-trained model with frozen statistics). Tensors whose shapes differ (e.g. a
       classifier for another number of classes) keep their initial values; every frozen layer must
       find its statistics in the checkpoint.
-    - otherwise: the precise-BN population estimate (``normlab.precise_bn``) over the first
+    - otherwise: the precise-BN population estimate (``normlab.norm.stats``) over the first
       ``num_batches`` training batches, on every process alike (same batches, same result).
     - resuming (``trainer.fit(ckpt_path=...)``), or a model whose statistics came with its
       weights (``NormLabModule(weights=...)``, ``model.weights``: the detection-backbone recipe):
