@@ -20,6 +20,7 @@ from normlab.norm.layers import (
     frozen_layer_names,
     is_frozen_batchnorm,
     keep_children,
+    param_groups,
 )
 
 
@@ -137,3 +138,16 @@ def test_keep_children_and_channel_counts() -> None:
     assert channels_of(TorchvisionLike()) == 5 and is_frozen_batchnorm(TorchvisionLike())
     assert channels_of(nn.BatchNorm2d(7)) == 7
     assert not is_frozen_batchnorm(nn.BatchNorm2d(7))
+
+
+def test_param_groups_list_each_trainable_parameter_once() -> None:
+    conv, bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+    bn.bias.requires_grad_(False)  # a frozen beta is no optimizer's business
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(conv, bn, shared, shared)  # a layer used twice: its params once
+    groups = param_groups(model, weight_decay=0.3)
+    assert [g["name"] for g in groups] == ["weights", "norm"]
+    assert [g["weight_decay"] for g in groups] == [0.3, 0.0]  # norm layers: no decay by default
+    expected = [conv.weight, conv.bias, shared.weight, shared.bias]
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in expected]
+    assert [id(p) for p in groups[1]["params"]] == [id(bn.weight)]
