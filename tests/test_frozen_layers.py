@@ -143,8 +143,9 @@ def test_keep_children_and_channel_counts() -> None:
 def test_param_groups_list_each_trainable_parameter_once() -> None:
     conv, bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
     bn.bias.requires_grad_(False)  # a frozen beta is no optimizer's business
-    shared = nn.Linear(2, 2)
-    model = nn.Sequential(conv, bn, shared, shared)  # a layer used twice: its params once
+    shared, tied = nn.Linear(2, 2), nn.Linear(2, 2, bias=False)
+    tied.weight = shared.weight  # tied weights (two modules, one parameter): listed once
+    model = nn.Sequential(conv, bn, shared, tied)
     groups = param_groups(model, weight_decay=0.3)
     assert [g["name"] for g in groups] == ["weights", "norm"]
     assert [g["weight_decay"] for g in groups] == [0.3, 0.0]  # norm layers: no decay by default
