@@ -14,7 +14,7 @@ help:
 	@echo "make test                                        run the whole test suite"
 	@echo "make test-fast                                   in-process tests only (about a minute)"
 	@echo "make test-e2e                                    the end-to-end tier: train.py runs, DDP, sweeps"
-	@echo "make mutants                                     mutation testing (mutmut) of the key modules, fast tier"
+	@echo "make mutants MUTMUT_ARGS='\"normlab.data.*\"'          mutation testing (mutmut) of the key modules, fast tier"
 	@echo "make lint / make format                          ruff"
 
 $(STAMP): pyproject.toml
