@@ -4,6 +4,7 @@ norm-aware weight decay groups. The list of norms lives in ``normlab.norm.regist
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -167,7 +168,8 @@ def keep_children(old: nn.Module, new: nn.Module) -> nn.Module:
     if not children:
         return new
     if isinstance(new, nn.Identity):
-        return nn.Sequential(dict(children)) if len(children) > 1 else children[0][1]
+        # nn.Sequential takes named modules only as an OrderedDict (a plain dict is refused)
+        return nn.Sequential(OrderedDict(children)) if len(children) > 1 else children[0][1]
     if type(new) is nn.BatchNorm2d:
         new.__class__ = BatchNorm2dAct
     elif type(new) is nn.GroupNorm:
