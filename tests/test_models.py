@@ -203,3 +203,29 @@ def test_model_activation_is_the_nets_activation() -> None:
     with pytest.raises(ConfigError, match="model.activation='swish'.*relu, sigmoid"):
         bad = compose_train("model.activation=swish")
         validate_train_config(bad)
+
+
+def test_distribute_bn_averages_every_batchnorm_of_a_resnet() -> None:
+    """DistributeBN on resnet18 under a 2-process strategy stand-in: every running_mean and
+    running_var of the 20 BatchNorm layers becomes the mean over the ranks, here this rank's
+    value and one that is 1.0 larger (so the average is this rank's + 0.5, by hand)."""
+    from normlab.callbacks import DistributeBN
+
+    model = NormLabModule(4, 1, {"name": "batchnorm"}, net=TV, arch="resnet18", scheduler=None)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+    def reduce(tensor, reduce_op):  # the other rank holds tensor + 1
+        assert reduce_op == "mean"
+        return (tensor + (tensor + 1)) / 2
+
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    shift = DistributeBN()._average(trainer, model)
+    after = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    assert len(before) == 2 * 20 and "net.layer1.0.bn1.running_var" in after
+    for key, value in before.items():
+        assert torch.allclose(after[key], value + 0.5), key
+    assert shift.item() == pytest.approx(0.5)
