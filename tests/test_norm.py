@@ -68,6 +68,8 @@ def test_batchnorm_running_stats_after_one_batch() -> None:
     expected_var = 0.9 * 1.0 + 0.1 * x.var(dim=(0, 2, 3), unbiased=True)
     torch.testing.assert_close(bn.running_mean, expected_mean, atol=1e-6, rtol=0)
     torch.testing.assert_close(bn.running_var, expected_var, atol=1e-6, rtol=0)
+    # the DESIGN's figures, by hand: U(0, 1) has mean 1/2 and variance 1/12, so running_mean is
+    # 0.1 * 0.5 = 0.0500 and running_var 0.9 * 1 + 0.1 / 12 = 0.9083
     assert torch.allclose(bn.running_mean, torch.full((16,), 0.0500), atol=2e-3)
     assert torch.allclose(bn.running_var, torch.full((16,), 0.9083), atol=2e-3)
     assert bn.num_batches_tracked.item() == 1

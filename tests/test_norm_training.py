@@ -266,7 +266,7 @@ def test_frozen_run_resumed_keeps_exactly_its_statistics(runs) -> None:
             assert torch.equal(end[f"{name}.{stat}"], start[f"{name}.{stat}"]), (name, stat)
         for param in AFFINE:
             assert not torch.equal(end[f"{name}.{param}"], start[f"{name}.{param}"]), name
-    assert resumed.results["metrics"]["val/acc"] > 0.1
+    assert resumed.results["metrics"]["val/acc"] > 0.1  # above chance: digits has 10 classes
 
     # the frozen checkpoint loads, strictly and bit-exactly, into a norm=batchnorm model
     from normlab.models import NormLabModule
