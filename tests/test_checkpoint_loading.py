@@ -19,7 +19,7 @@ from normlab.utils.checkpoints import (
     load_checkpoint,
     nothing_left,
 )
-from tests.test_resume_checks import CONFIG, _aged, _checkpoint, _config
+from tests.test_resume import CONFIG, _aged, _checkpoint, _config
 
 HINT = "give a .ckpt written by train.py, e.g. logs/train/runs/<run>/checkpoints/last.ckpt."
 

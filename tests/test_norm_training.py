@@ -409,3 +409,31 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
     mean, var, (want_mean, want_var), (epoch0_mean, _) = probe.seen[1]
     assert torch.allclose(mean, want_mean, atol=1e-5) and torch.allclose(var, want_var, atol=1e-5)
     assert (epoch0_mean - want_mean).abs().max() > 1e-3  # epoch 0's batches would differ
+
+
+def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> None:
+    from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+    from normlab.models import NormLabModule
+    from normlab.norm import frozen_layer_names
+    from tests.test_norm import fake_checkpoint
+
+    torch.manual_seed(0)
+    source = NormLabModule(10, 1, {"name": "batchnorm", "affine": False}, net={"widths": [4, 6]})
+    with torch.no_grad():  # statistics and biases far from their initial zeros/ones
+        for name, tensor in source.state_dict().items():
+            if name.endswith(("running_mean", ".bias")):
+                tensor.uniform_(-1, 1)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.5, 2)
+    assert source.net.features[0].bias is not None
+    path = fake_checkpoint(tmp_path / "bn.ckpt", source.state_dict())
+
+    frozen = NormLabModule(10, 1, {"name": "frozen"}, net={"widths": [4, 6]})
+    assert frozen.net.features[0].bias is None
+    message = FrozenBNCalibration(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
+    assert "conv biases folded into running_mean: ['net.features.0.bias'" in message
+
+    x = torch.randn(16, 1, 8, 8)
+    source.eval(), frozen.eval()
+    diff = (source(x) - frozen(x)).abs().max().item()
+    assert diff <= 1e-5, diff  # without the fold: 0.3 or more

@@ -1,22 +1,30 @@
-"""Exact resumption: 2 epochs in one go == 1 epoch, stop, resume from last.ckpt for the second.
+"""Resuming, every way a user does it: a run stopped after one epoch and resumed equals the
+uninterrupted run (random state and data order travel with the checkpoint); a finished run
+extended with a larger trainer.max_epochs equals the longer run (the LR schedule follows the
+command); what ckpt_path= may resume (the model the command builds, epochs left to train, and for
+``last`` the newest readable checkpoint of the task); frozen layers stay frozen.
 
-Dropout is on, so the comparison fails unless the random state travels with the checkpoint
-(RNGStateCheckpoint); the data order is a function of (seed, epoch) (EpochSeededSampler). The two
-first runs start together in the same log dir, so they also show that runs started in the same
-second get different run dirs (``<timestamp>_<pid>``)."""
+The two first runs of the exact-resume test start together in the same log dir, so they also show
+that runs started in the same second get different run dirs (``<timestamp>_<pid>``)."""
 
 from __future__ import annotations
 
+import copy
 import io
+import os
 import random
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from normlab.errors import CheckpointError
+from normlab.utils.checkpoints import check_resumable, config_differences, find_last_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 STEPS_PER_EPOCH = 5
@@ -29,8 +37,12 @@ RESUME = [
 ]
 
 
-def _state_dict(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return _load(path)["state_dict"]
 
 
 @pytest.mark.slow
@@ -172,3 +184,185 @@ def test_extending_a_finished_run_equals_the_longer_run(norm: str, tmp_path) -> 
     assert diff <= 1e-6, f"max abs difference {diff}"
     first = _state_dict(short.run_dir / "checkpoints" / "last.ckpt")
     assert max((a[k].double() - first[k].double()).abs().max().item() for k in a) > 1e-3
+
+
+# -- what ckpt_path= may resume ------------------------------------------------------------------
+
+CONFIG = {
+    "model": {"widths": [8, 16], "optimizer": {"lr": 0.003}, "compile": False},
+    "norm": {"name": "batchnorm", "momentum": 0.1, "precise_bn_batches": 0},
+    "data": {"name": "digits", "batch_size": 64, "data_dir": "data"},
+    "trainer": {"max_epochs": 3},
+}
+
+
+def _config(**changes: object) -> dict:
+    cfg = copy.deepcopy(CONFIG)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def _checkpoint(path: Path, config: dict, epochs_done: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    progress = {"current": {"processed": epochs_done}}
+    torch.save(
+        {
+            "normlab": {"format": 1, "config": config},
+            "state_dict": {"w": torch.zeros(1)},
+            "loops": {"fit_loop": {"epoch_progress": progress}},
+        },
+        path,
+    )
+    return path
+
+
+def test_differences_name_the_overrides_that_rebuild_the_checkpoints_model() -> None:
+    assert config_differences(CONFIG, _config()) == []
+    # optimizer, scheduler, speed knobs, statistics re-estimation and data location may change
+    same_model = _config(
+        model__optimizer={"lr": 0.1},
+        model__compile=True,
+        norm__precise_bn_batches=5,
+        data__batch_size=7,
+        data__data_dir="/elsewhere",
+    )
+    assert config_differences(CONFIG, same_model) == []
+    assert config_differences(CONFIG, _config(model__widths=[32, 64])) == ["model.widths=[8,16]"]
+    assert config_differences(CONFIG, _config(norm__momentum=0.01)) == ["norm.momentum=0.1"]
+    # another norm: the norm alone, not each key of the two norm configs
+    other = _config(norm={"name": "groupnorm", "num_groups": 4})
+    assert config_differences(CONFIG, other) == ["norm=batchnorm"]
+    assert config_differences(CONFIG, _config(data__name="mnist")) == ["data.name=digits"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_unless_ckpt_strict_false(tmp_path) -> None:
+    path = _checkpoint(tmp_path / "frozen.ckpt", _config(norm={"name": "frozen"}))
+    checkpoint = torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError) as info:
+        check_resumable(checkpoint, path, CONFIG)
+    message = str(info.value)
+    assert f"ckpt_path={path}: it holds another model" in message
+    assert "trained with norm=frozen" in message and "add ckpt_strict=false" in message
+    check_resumable(checkpoint, path, {**CONFIG, "ckpt_strict": False})  # no error
+
+
+def test_a_finished_checkpoint_is_refused_saying_how_to_train_on(tmp_path) -> None:
+    path = _checkpoint(tmp_path / "done.ckpt", CONFIG, epochs_done=3)
+    checkpoint = torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointError, match=r"already trained 3 epoch\(s\) and trainer.max_ep"):
+        check_resumable(checkpoint, path, CONFIG)
+    check_resumable(checkpoint, path, _config(trainer__max_epochs=4))
+    check_resumable(checkpoint, path, CONFIG, resuming=False)  # train=false: only tests it
+
+
+def _aged(path: Path, age_s: float) -> Path:
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_last_is_the_newest_readable_checkpoint_of_this_model(tmp_path) -> None:
+    task = tmp_path / "train"
+    oldest = _aged(_checkpoint(task / "runs/a/checkpoints/last.ckpt", CONFIG), 300)
+    older = _aged(_checkpoint(task / "runs/b/checkpoints/last.ckpt", CONFIG), 200)
+    frozen = _config(norm={"name": "frozen"})
+    newer = _aged(_checkpoint(task / "multiruns/s/1/checkpoints/last.ckpt", frozen), 100)
+    newest = task / "runs/c/checkpoints/last.ckpt"
+    _checkpoint(newest, CONFIG)
+    newest.write_bytes(newest.read_bytes()[:100])  # a writer killed mid-save
+
+    path, passed_over = find_last_checkpoint(task, current=CONFIG)
+    assert path == older  # not the oldest one, not the truncated or the other model's
+    assert len(passed_over) == 2
+    assert str(newest) in passed_over[0] and "not a complete file" in passed_over[0]
+    assert str(newer) in passed_over[1] and "trained with norm=frozen" in passed_over[1]
+    # the frozen job of the sweep is what a norm=frozen command resumes
+    assert find_last_checkpoint(task, current=frozen)[0] == newer
+    # the run dir of the command itself is never a candidate
+    assert find_last_checkpoint(task, exclude=older.parents[1], current=CONFIG)[0] == oldest
+
+    other = _config(norm={"name": "groupnorm"})
+    with pytest.raises(CheckpointError) as info:
+        find_last_checkpoint(task, current=other)
+    assert "none of the 4 checkpoints/last.ckpt" in str(info.value)
+    assert "trained with norm=frozen" in str(info.value)
+
+
+def test_last_refuses_when_the_newest_run_of_this_model_is_finished(tmp_path) -> None:
+    task = tmp_path / "train"
+    _aged(_checkpoint(task / "runs/a/checkpoints/last.ckpt", CONFIG, epochs_done=1), 100)
+    done = _checkpoint(task / "runs/b/checkpoints/last.ckpt", CONFIG, epochs_done=3)
+    with pytest.raises(CheckpointError, match=f"ckpt_path=last picked {done}: it has already"):
+        find_last_checkpoint(task, current=CONFIG)
+
+
+@pytest.mark.slow
+def test_frozen_layers_stay_frozen_when_resumed_without_the_flag(tmp_path) -> None:
+    common = [*FAST, "test=false", "trainer.limit_train_batches=5"]
+    first = run_script(
+        "train.py",
+        *common,
+        "trainer.max_epochs=2",
+        "norm.freeze_at_epoch=1",
+        run_dir=tmp_path / "first",
+    )
+    assert first.returncode == 0, first.output[-3000:]
+    before = _load(first.run_dir / "checkpoints" / "last.ckpt")
+    assert before["normlab"]["frozen_layers"] == ["net.features.1", "net.features.5"]
+
+    resumed = run_script(  # norm.freeze_at_epoch not repeated
+        "train.py",
+        *common,
+        "trainer.max_epochs=3",
+        f"ckpt_path={first.run_dir / 'checkpoints' / 'last.ckpt'}",
+        run_dir=tmp_path / "resumed",
+    )
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "2 BatchNorm layers frozen as in the checkpoint" in resumed.output
+    after = _load(resumed.run_dir / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == before["global_step"] + 5
+    for layer in before["normlab"]["frozen_layers"]:
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            key = f"{layer}.{stat}"
+            assert torch.equal(before["state_dict"][key], after["state_dict"][key]), key
+        moved = after["state_dict"][f"{layer}.weight"] - before["state_dict"][f"{layer}.weight"]
+        assert moved.abs().max() > 0  # gamma keeps training
+    assert after["normlab"]["frozen_layers"] == before["normlab"]["frozen_layers"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_sweep_picks_this_norms_run(tmp_path) -> None:
+    log_dir = tmp_path / "logs"
+    common = [*FAST, "test=false", "trainer.limit_train_batches=3"]
+
+    def run(name: str, *args: str):
+        run_dir = log_dir / "train" / "runs" / name
+        return run_script("train.py", *common, *args, run_dir=run_dir, log_dir=log_dir)
+
+    assert run("bn", "norm=batchnorm").returncode == 0
+    frozen = run("frozen", "norm=frozen", "norm.calibration_batches=2")
+    assert frozen.returncode == 0
+
+    # an explicit checkpoint of another norm: refused up front, naming the setting and the fix
+    wrong = run("wrong", "norm=batchnorm", "trainer.max_epochs=2",
+                f"ckpt_path={frozen.run_dir / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+    assert wrong.returncode == 2
+    assert "holds another model than this command builds" in wrong.stderr
+    assert "trained with norm=frozen" in wrong.stderr and "ckpt_strict=false" in wrong.stderr
+    assert not wrong.run_dir.exists()
+
+    # `last` passes over the newer norm=frozen run and resumes the batchnorm one
+    resumed = run("resumed", "norm=batchnorm", "trainer.max_epochs=2", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"passed over {frozen.run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.output
+    picked = log_dir / "train" / "runs" / "bn" / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path=last: resuming {picked}" in resumed.output
+    assert (
+        _load(resumed.run_dir / "checkpoints" / "last.ckpt")["normlab"]["config"]["norm"]["name"]
+        == "batchnorm"
+    )
