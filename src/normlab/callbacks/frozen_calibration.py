@@ -122,11 +122,12 @@ def fold_dropped_biases(
         CheckpointError: a dropped bias feeds no frozen layer it could be folded into.
     """
     modules = list(model.named_modules())
+    by_name = dict(modules)
     index = {name: i for i, (name, _) in enumerate(modules)}
     out, folded = dict(source), []
     for key, bias in source.items():
         conv_name = key.removesuffix(".bias")
-        conv = dict(modules).get(conv_name) if key.endswith(".bias") else None
+        conv = by_name.get(conv_name) if key.endswith(".bias") else None
         if not isinstance(conv, nn.modules.conv._ConvNd) or conv.bias is not None:
             continue
         consumer = next(

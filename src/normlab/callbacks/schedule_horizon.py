@@ -7,7 +7,6 @@ import warnings
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -66,11 +65,10 @@ class ScheduleHorizon(Callback):
         if not changed:
             return
         restored.load_state_dict(fresh.state_dict())
-        with torch.no_grad():
-            for group, fresh_group in zip(
-                restored.optimizer.param_groups, fresh.optimizer.param_groups, strict=True
-            ):
-                group["lr"] = fresh_group["lr"]
+        for group, fresh_group in zip(
+            restored.optimizer.param_groups, fresh.optimizer.param_groups, strict=True
+        ):
+            group["lr"] = fresh_group["lr"]
         if trainer.is_global_zero:
             settings = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(changed.items()))
             log.info(

@@ -123,16 +123,27 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return [_override(k, old.get(k)) for k in keys if old.get(k) != new.get(k)]
 
 
+def _refused_differences(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """:func:`config_differences` of the checkpoint's run config and ``current``; none with
+    ``ckpt_strict=false``."""
+    if not current.get("ckpt_strict", True):
+        return []
+    saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("config") or {}
+    return config_differences(saved, current)
+
+
+def _another_model(differences: list[str]) -> str:
+    return f"it holds another model than this command builds, trained with {' '.join(differences)}"
+
+
 def model_mismatch(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     """Why ``checkpoint`` holds another model than the ``current`` config builds (its
     model/norm/data settings differ), or None; None as well with ``ckpt_strict=false``."""
-    saved = (checkpoint.get(CHECKPOINT_KEY) or {}).get("config") or {}
-    differences = config_differences(saved, current)
-    if not differences or not current.get("ckpt_strict", True):
+    differences = _refused_differences(checkpoint, current)
+    if not differences:
         return None
     return (
-        f"it holds another model than this command builds, trained with "
-        f"{' '.join(differences)}: to resume it, add those overrides; to go on with this "
+        f"{_another_model(differences)}: to resume it, add those overrides; to go on with this "
         "command's settings anyway (the weights must still fit, e.g. norm=batchnorm <-> "
         "norm=frozen), add ckpt_strict=false"
     )
@@ -209,9 +220,9 @@ def find_last_checkpoint(
         except CheckpointError as err:
             passed_over.append(str(err))
             continue
-        mismatch = model_mismatch(checkpoint, current) if current is not None else None
-        if mismatch:
-            passed_over.append(f"{path}: {mismatch.split(':')[0]}")
+        differences = _refused_differences(checkpoint, current) if current is not None else []
+        if differences:
+            passed_over.append(f"{path}: {_another_model(differences)}")
             continue
         finished = nothing_left(checkpoint, current) if current and resuming else None
         if finished:  # the newest run of this model is finished: say so, do not go back
