@@ -56,3 +56,40 @@ def test_float64_run_stores_tags_and_eval_batch_size_keeps_accuracy(tmp_path: Pa
     assert evaluated.results["metrics"]["test/acc"] == pytest.approx(
         trained.results["metrics"]["test/acc"], abs=1e-9
     )
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_seed_sets_the_initial_weights(seed: int, tmp_path: Path, monkeypatch) -> None:
+    """The model a run starts from is the one its seed builds. The reference is rebuilt here, in
+    the order train.py seeds and builds (seed, data module, model), and a different seed builds
+    different weights, so a run that swaps the seed (seed=0 read as "no seed") fails."""
+    import lightning as L
+
+    import normlab.run as run
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    fast = ["trainer=cpu", "model.net.widths=[8,16]", "callbacks=none", "logger=csv"]
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "test=false"]
+    _, cfg = compose_train([*fast, *short, f"seed={seed}"], tmp_path / "run")
+    built = []
+    build_model = run.build_model
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(run, "build_model", recording_build_model)
+    run_task("train", cfg)
+    assert len(built) == 1
+
+    def reference(reference_seed: int) -> dict[str, torch.Tensor]:
+        L.seed_everything(reference_seed, workers=True)
+        datamodule = run.build_datamodule(cfg.data, reference_seed)
+        return build_model(cfg.model, cfg.norm, datamodule).state_dict()
+
+    same, other = reference(seed), reference(seed + 42)
+    assert built[0].keys() == same.keys()
+    assert all(torch.equal(built[0][k], same[k]) for k in same)
+    assert not all(torch.equal(built[0][k], other[k]) for k in other)

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from normlab.norm.layers import FrozenBatchNorm2d, batchnorm_layers
 
 
-@torch.no_grad()
 def estimate_population_stats(
     model: nn.Module, batches: Iterable[Tensor], num_batches: int
 ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -78,9 +77,11 @@ def estimate_population_stats(
     try:
         model.train()
         seen = 0
-        for batch in itertools.islice(batches, num_batches):  # takes no batch beyond the last
-            model(batch[0] if isinstance(batch, tuple | list) else batch)
-            seen += 1
+        # no_grad as a block, not a decorator: mutmut (make mutants) skips decorated functions
+        with torch.no_grad():
+            for batch in itertools.islice(batches, num_batches):  # takes none beyond the last
+                model(batch[0] if isinstance(batch, tuple | list) else batch)
+                seen += 1
         if seen == 0:
             raise ValueError("estimate_population_stats got no batches")
     finally:
@@ -100,7 +101,6 @@ def estimate_population_stats(
     return out
 
 
-@torch.no_grad()
 def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor]]) -> float:
     """Write ``{name: (mean, var)}`` into the layers' ``running_mean``/``running_var``.
 
@@ -113,7 +113,7 @@ def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, T
         if layer is None or getattr(layer, "running_mean", None) is None:
             raise KeyError(f"{name!r} is not a layer with running statistics in this model")
         for buf, new in ((layer.running_mean, mean), (layer.running_var, var)):
-            new = new.to(buf)
+            new = new.detach().to(buf)
             change = max(change, (new - buf).abs().max().item() if buf.numel() else 0.0)
-            buf.copy_(new)
+            buf.copy_(new)  # detached: the buffer stays out of any autograd graph
     return change
