@@ -104,7 +104,7 @@ def test_model_builds_for_every_norm(norm: str, tmp_path: Path) -> None:
     assert all((c.bias is None) == (norm != "none") for c in convs)
     assert (len(batchnorm_layers(model)) > 0) == (norm in ("batchnorm", "frozen"))
     # hyperparameters are plain data: checkpoints load with weights_only=True
-    assert OmegaConf.create(dict(model.hparams)) is not None
+    assert OmegaConf.to_container(OmegaConf.create(dict(model.hparams))) == dict(model.hparams)
     assert all(
         isinstance(v, (int, float, str, list, dict, type(None))) for v in model.hparams.values()
     )

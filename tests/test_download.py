@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from normlab.data.sources import load_source
 from tests.conftest import ROOT
 
 FAKE = ROOT / "tests" / "fake_download"
@@ -34,7 +35,11 @@ def test_download_true_downloads_once_then_trains(train_run, tmp_path: Path) -> 
     assert all((raw / f).is_file() for f in FILES)
     urls = (tmp_path / "downloads.txt").read_text().split()
     assert len(urls) == 4 and all(u.endswith(".gz") for u in urls)  # the four files, once each
-    assert run.results["metrics"]["test/acc"] >= 0.0
+    assert run.results["epochs"] == 1 and "test/acc" in run.results["metrics"]
+    # what was downloaded is what the run read: the fake's 120 + 40 images, labels 0..9 cycling
+    data = load_source("mnist", data_dir)
+    assert (len(data.train_y), len(data.test_y)) == (120, 40)
+    assert data.train_y.tolist() == [i % 10 for i in range(120)]
     # the files are there now: a second run with data.download=false reads them
     again = train_run("data=mnist", f"data.data_dir={data_dir}", name="again")
     assert again.returncode == 0, again.output[-3000:]

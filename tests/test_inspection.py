@@ -102,14 +102,15 @@ def test_every_batchnorm_layer_has_four_histograms_one_per_logging_step(bn_event
 def test_last_logged_values_equal_the_checkpoint_buffers(bn_events, checkpoint, state):
     # precise BN rewrote the statistics before the last validation: the last points must be the
     # rewritten values, which last.ckpt saves (issue 11 item 7)
-    assert checkpoint["global_step"] == 14  # last.ckpt is the end of training
+    steps = 2 * 7  # CADENCE: 2 epochs of 7 batches
+    assert checkpoint["global_step"] == steps  # last.ckpt is the end of training
     values = scalars(bn_events)
     assert values["norm/precise_bn_max_shift"][-1][1] > 0  # it did move them
     for layer in bn_layers(state):
         for stat in STATS:
             saved = state[f"{layer}.{stat}"].double().numpy()
             last = bn_events.Histograms(f"norm/{layer}/{stat}")[-1]
-            assert last.step == 13
+            assert last.step == EPOCH_ENDS[-1] == steps - 1
             h = last.histogram_value
             assert (h.num, h.min, h.max) == (saved.size, saved.min(), saved.max())
             assert h.sum == pytest.approx(saved.sum(), abs=1e-9)
@@ -117,14 +118,14 @@ def test_last_logged_values_equal_the_checkpoint_buffers(bn_events, checkpoint, 
             per_channel = [
                 values[f"norm/{layer}/{stat}/channel_{c:0{width}d}"][-1] for c in range(saved.size)
             ]
-            assert per_channel == [(13, x) for x in saved.astype(np.float32).tolist()]
+            assert per_channel == [(steps - 1, x) for x in saved.astype(np.float32).tolist()]
             mean, std = saved.mean(), saved.std()
-            assert values[f"norm/{layer}/{stat}/mean"][-1] == (13, pytest.approx(mean))
-            assert values[f"norm/{layer}/{stat}/std"][-1] == (13, pytest.approx(std))
+            assert values[f"norm/{layer}/{stat}/mean"][-1] == (steps - 1, pytest.approx(mean))
+            assert values[f"norm/{layer}/{stat}/std"][-1] == (steps - 1, pytest.approx(std))
             band = values[f"norm/{layer}/{stat}/mean_plus_std"][-1][1]
             assert band == pytest.approx(mean + std, abs=1e-6)
-        assert values[f"norm/{layer}/num_batches_tracked"][-1] == (13, 14.0)
-        assert state[f"{layer}.num_batches_tracked"].item() == 14
+        assert values[f"norm/{layer}/num_batches_tracked"][-1] == (steps - 1, float(steps))
+        assert state[f"{layer}.num_batches_tracked"].item() == steps
 
 
 def test_points_share_lightnings_steps_and_lr_tags_are_named(bn_events):
@@ -215,7 +216,7 @@ def test_csv_logger_receives_the_normalization_scalars(bn_run, state):
         for r in rows
         if r["norm/net.features.1/num_batches_tracked"]
     ]
-    assert tracked[-1] == (13, 14.0)
+    assert tracked[-1] == (EPOCH_ENDS[-1], 2 * 7.0)  # 14 batches seen by the last step
 
 
 def test_heatmap_image_each_epoch_and_diagnostics_in_a_real_run(bn_events, state):

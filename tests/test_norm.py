@@ -173,7 +173,7 @@ def test_validate_rejects_bad_values(cfg: dict, kwargs: dict, key: str, value: s
         validate_norm_config(cfg, **kwargs)
     assert key in str(info.value) and value in str(info.value)
     assert isinstance(info.value, ValueError)
-    with pytest.raises(NormConfigError):
+    with pytest.raises(NormConfigError, match=key.replace(".", r"\.")):
         factory_checks = not kwargs and key != "norm.init_from"  # files: at training time only
         make_norm_factory(cfg) if factory_checks else validate_norm_config(cfg, **kwargs)
 
@@ -408,11 +408,11 @@ def test_population_stats_second_layer_sees_batch_normalized_input(frozen: bool)
 
 def test_population_stats_rejects_bad_arguments() -> None:
     model = nn.Sequential(nn.BatchNorm2d(3))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"num_batches=0 must be >= 1"):
         estimate_population_stats(model, uneven_batches(), num_batches=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="got no batches"):
         estimate_population_stats(model, [], num_batches=3)
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="'nope' is not a layer with running statistics"):
         apply_population_stats(model, {"nope": (torch.zeros(3), torch.ones(3))})
 
 

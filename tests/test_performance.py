@@ -257,7 +257,8 @@ def test_train_and_eval_stream_with_the_knobs(train_run, tmp_path: Path) -> None
         run_dir=tmp_path / "eval",
     )
     assert evaluated.returncode == 0, evaluated.output[-3000:]
-    assert 0.0 <= evaluated.results["metrics"]["test/acc"] <= 1.0
+    # one epoch: last.ckpt holds the weights the run tested (its best), so the same score
+    assert evaluated.results["metrics"]["test/acc"] == run.results["metrics"]["test/acc"]
     assert len(stats["mean"]) == 3 and all(s > 0 for s in stats["std"])
 
 

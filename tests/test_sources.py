@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import struct
 from pathlib import Path
@@ -111,12 +112,25 @@ def _write_cifar(root: Path, n_train: int = 4, n_test: int = 3) -> dict[str, np.
     return written
 
 
-def test_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _trust_these_files(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make torchvision's own md5 check expect the md5 sums of the tiny files written here (the
+    check itself runs: a changed byte fails it)."""
     import torchvision.datasets.cifar as tv_cifar
 
-    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = root / "cifar-10-batches-py"
+    cls = tv_cifar.CIFAR10
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(cls, "train_list", [[f, md5(f)] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, md5(f)] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+
+
+def test_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written = _write_cifar(tmp_path)
+    _trust_these_files(monkeypatch, tmp_path)
 
     data = load_source("cifar10", tmp_path)
     assert data.train_x.shape == (20, 3, 32, 32) and data.train_x.dtype == torch.uint8
@@ -127,6 +141,26 @@ def test_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(data.test_x.reshape(3, -1), torch.from_numpy(written["test_batch"]))
     assert data.train_y.dtype == torch.int64 and data.train_y[:4].tolist() == [0, 1, 2, 3]
     assert data.classes == [f"c{i}" for i in range(10)] and data.num_channels == 3
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta"])
+def test_cifar10_file_whose_md5_differs_is_refused(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/data.md and the error message say torchvision checks the md5 sums: one changed byte
+    in a batch or in the metadata and the data set is refused, with the files it expects."""
+    _write_cifar(tmp_path)
+    _trust_these_files(monkeypatch, tmp_path)
+    assert load_source("cifar10", tmp_path).num_classes == 10  # intact: it loads
+    path = tmp_path / "cifar-10-batches-py" / name
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0xFF  # inside the pickle's payload, not its STOP opcode
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataSourceError) as info:
+        load_source("cifar10", tmp_path)
+    msg = str(info.value)
+    assert "not found (or is corrupted)" in msg and "md5" in msg
+    assert str(tmp_path / "cifar-10-batches-py") in msg and name in msg
 
 
 def test_cifar10_missing(tmp_path: Path) -> None:
