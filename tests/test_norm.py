@@ -375,11 +375,13 @@ def test_population_stats_single_layer_are_exact() -> None:
     expected_move = max(exp_mean.abs().max().item(), (exp_var - 1).abs().max().item())
     assert moved == pytest.approx(expected_move, rel=1e-5)
     assert torch.equal(model[0].running_mean, mean) and torch.equal(model[0].running_var, var)
+    assert apply_population_stats(model, stats) == 0.0  # the same values again: nothing moved
 
-    # num_batches limits the pass: the first two batches only.
-    first_two = torch.cat(batches[:2])
-    mean2, _ = estimate_population_stats(model, batches, num_batches=2)["0"]
-    torch.testing.assert_close(mean2, first_two.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # num_batches limits the pass: the first two batches only, or the first alone.
+    for n in (2, 1):
+        first = torch.cat(batches[:n])
+        mean_n, _ = estimate_population_stats(model, batches, num_batches=n)["0"]
+        torch.testing.assert_close(mean_n, first.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -412,8 +414,11 @@ def test_population_stats_rejects_bad_arguments() -> None:
         estimate_population_stats(model, uneven_batches(), num_batches=0)
     with pytest.raises(ValueError, match="got no batches"):
         estimate_population_stats(model, [], num_batches=3)
-    with pytest.raises(KeyError, match="'nope' is not a layer with running statistics"):
-        apply_population_stats(model, {"nope": (torch.zeros(3), torch.ones(3))})
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, affine=False))
+    model[2].track_running_stats, model[2].running_mean, model[2].running_var = False, None, None
+    for name in ("nope", "1", "2"):  # no such layer, a conv, a BatchNorm without statistics
+        with pytest.raises(KeyError, match=f"'{name}' is not a layer with running statistics"):
+            apply_population_stats(model, {name: (torch.zeros(3), torch.ones(3))})
 
 
 def test_acc_is_the_fraction_of_correct_predictions() -> None:

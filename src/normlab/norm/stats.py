@@ -114,6 +114,6 @@ def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, T
             raise KeyError(f"{name!r} is not a layer with running statistics in this model")
         for buf, new in ((layer.running_mean, mean), (layer.running_var, var)):
             new = new.detach().to(buf)
-            change = max(change, (new - buf).abs().max().item() if buf.numel() else 0.0)
+            change = max(change, (new - buf).abs().max().item())
             buf.copy_(new)  # detached: the buffer stays out of any autograd graph
     return change
