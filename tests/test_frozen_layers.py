@@ -103,6 +103,47 @@ def test_a_frozen_buffer_affine_becomes_trainable_parameters() -> None:
     assert bn.weight.data_ptr() != frozen.weight.data_ptr()  # a copy, not the frozen buffer
 
 
+def test_torchvision_frozen_layer_converts_both_ways_with_its_dtype_and_batchnorms_defaults() -> (
+    None
+):
+    """torchvision's FrozenBatchNorm2d has buffers for gamma/beta and no momentum or batch count:
+    BatchNorm's defaults fill them in (momentum 0.1, 0 batches), values and dtype stay."""
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozen
+
+    tv = TorchvisionFrozen(2, eps=1e-3).double()
+    tv.weight.copy_(torch.tensor([2.0, 3.0]))
+    tv.running_var.copy_(torch.tensor([4.0, 9.0]))
+    bn = convert_to_batchnorm(nn.Sequential(tv))[0]
+    assert type(bn) is nn.BatchNorm2d and (bn.eps, bn.momentum) == (1e-3, 0.1)
+    assert bn.weight.dtype == bn.running_var.dtype == torch.float64
+    assert isinstance(bn.weight, nn.Parameter) and bn.weight.tolist() == [2.0, 3.0]
+    assert bn.running_var.tolist() == [4.0, 9.0] and bn.num_batches_tracked.item() == 0
+    ours = FrozenBatchNorm2d.from_batchnorm(tv)
+    assert (ours.eps, ours.source_momentum, ours.affine) == (1e-3, 0.1, True)
+    assert ours.running_var.dtype == torch.float64 and ours.weight.tolist() == [2.0, 3.0]
+
+
+def test_trainable_gamma_beta_are_the_same_parameters_across_conversions() -> None:
+    """An optimizer built before a conversion keeps training gamma/beta: the Parameter objects
+    move over (BatchNorm -> frozen -> BatchNorm), only the statistics are copied."""
+    bn = nn.BatchNorm2d(2)
+    weight, bias = bn.weight, bn.bias
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+    back = convert_to_batchnorm(nn.Sequential(frozen))[0]
+    assert frozen.weight is weight and frozen.bias is bias
+    assert back.weight is weight and back.bias is bias
+    assert back.running_mean is not frozen.running_mean is not bn.running_mean
+
+
+def test_freezing_needs_running_statistics_and_keeps_the_input_dtype() -> None:
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(2, track_running_stats=False))
+    x = torch.randn(2, 2, 3, 3, dtype=torch.bfloat16)
+    out = _frozen_2ch()(x)  # float32 statistics, bf16 activations (autocast's mix): bf16 out
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _frozen_2ch()(x.float()).bfloat16())
+
+
 def test_freeze_named_layers_converts_only_the_named_batchnorms() -> None:
     model = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2), nn.GroupNorm(1, 2))
     assert freeze_named_layers(model, ["1", "2", "missing"]) == ["1"]

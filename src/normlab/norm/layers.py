@@ -76,7 +76,7 @@ class FrozenBatchNorm2d(nn.Module):
             raise ValueError(
                 f"{bn} has no running statistics (track_running_stats=False) to freeze"
             )
-        affine = getattr(bn, "affine", bn.weight is not None)
+        affine = bn.weight is not None  # torchvision's frozen layer has no `affine` attribute
         momentum = getattr(bn, "momentum", 0.1)
         frozen = cls(
             channels_of(bn), bn.eps if eps is None else eps, freeze_affine, affine, momentum
@@ -109,10 +109,10 @@ class FrozenBatchNorm2d(nn.Module):
             x = child(x)
         return x
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # Old BatchNorm checkpoints have no num_batches_tracked; accept them as BatchNorm does.
-        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0))  # int64, like it
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return (
