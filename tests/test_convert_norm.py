@@ -133,6 +133,9 @@ def test_timm_norm_act_layers_keep_their_activation() -> None:
     convert_norm(model, {"name": "frozen"})
     assert isinstance(model.bn1, FrozenBatchNorm2d) and isinstance(model.bn1.act, nn.SiLU)
     assert (model(x) - expected).abs().max().item() <= 1e-5
+    convert_norm(model, {"name": "batchnorm"})  # back: plain BatchNorm2d, then the activation
+    assert isinstance(model.bn1, nn.BatchNorm2d) and isinstance(model.bn1.act, nn.SiLU)
+    assert (model(x) - expected).abs().max().item() <= 1e-5  # eval mode: the same function
     convert_norm(model, {"name": "groupnorm", "num_groups": 8})
     assert isinstance(model.bn1, nn.GroupNorm) and isinstance(model.bn1.act, nn.SiLU)
     assert model(x).shape == (2, 3)

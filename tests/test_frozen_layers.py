@@ -150,6 +150,14 @@ def test_freeze_named_layers_converts_only_the_named_batchnorms() -> None:
     assert [type(m) for m in model] == [nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm]
     assert frozen_layer_names(model) == ["1"]
     assert freeze_named_layers(model, ["1"]) == []  # already frozen
+    # nested layers go by their qualified names, as a checkpoint lists them
+    nested = nn.Sequential(nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2)), nn.BatchNorm2d(2))
+    assert freeze_named_layers(nested, ["0.1", "1"]) == ["0.1", "1"]
+    assert frozen_layer_names(nested) == ["0.1", "1"] and type(nested[0][0]) is nn.BatchNorm2d
+    # converting a model again leaves its frozen layers as they are (eps included)
+    frozen = nested[1]
+    assert convert_to_frozen(nested, eps=0.25)[1] is frozen and frozen.eps == 1e-5
+    assert nested[0][0].eps == 0.25  # the BatchNorm that was left is converted with the eps given
 
 
 def test_keep_children_and_channel_counts() -> None:
