@@ -88,6 +88,16 @@ def test_per_sample_norms_replace_every_batchnorm(arch: str, name: str) -> None:
     assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
+def test_a_batchnorm_without_running_statistics_converts_by_its_channel_count() -> None:
+    """track_running_stats=False (no running_mean) and affine=False (no weight): the channel
+    count still comes from the layer, so per-sample norms and BatchNorm can replace it."""
+    bare = nn.BatchNorm2d(6, affine=False, track_running_stats=False)
+    gn = convert_norm(nn.Sequential(bare), {"name": "groupnorm", "num_groups": 3})[0]
+    assert isinstance(gn, nn.GroupNorm) and (gn.num_groups, gn.num_channels) == (3, 6)
+    bn = convert_norm(nn.Sequential(bare), {"name": "batchnorm"})[0]
+    assert bn.num_features == 6
+
+
 def test_settings_given_by_the_config_win() -> None:
     model = randomized("mobilenet_v3_small")
     convert_norm(model, {"name": "batchnorm", "momentum": 0.2, "eps": 1e-4})

@@ -181,9 +181,8 @@ def keep_children(old: nn.Module, new: nn.Module) -> nn.Module:
 
 def channels_of(m: nn.Module) -> int:
     """The channel count of a BatchNorm-like layer (torchvision's frozen one has no
-    ``num_features``)."""
-    ref = m.running_mean if getattr(m, "running_mean", None) is not None else m.weight
-    return getattr(m, "num_features", None) or int(ref.shape[0])
+    ``num_features``, but always a ``running_mean`` buffer)."""
+    return m.num_features if hasattr(m, "num_features") else int(m.running_mean.shape[0])
 
 
 def is_frozen_batchnorm(m: nn.Module) -> bool:
