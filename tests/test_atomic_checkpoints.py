@@ -197,3 +197,32 @@ def test_full_disk_keeps_previous_checkpoints(small_disk: Path, foreign_tmpdir: 
     assert list((small_disk / "run").rglob(f"*{TEMP_SUFFIX}")) == []
     assert not (small_disk / "run" / "results.json").exists()
     assert _files(foreign_tmpdir) == []
+
+
+@pytest.mark.parametrize(
+    "plugins, checkpoint_io, environment",
+    [
+        (None, "AtomicCheckpointIO", "LightningEnvironment"),
+        # a user's plugins are kept, and checkpoints are still written atomically
+        (
+            "[{_target_: lightning.fabric.plugins.environments.TorchElasticEnvironment}]",
+            "AtomicCheckpointIO",
+            "TorchElasticEnvironment",
+        ),
+        # a user's own checkpoint I/O (one plugin, not a list) replaces normlab's
+        ("{_target_: lightning.fabric.plugins.TorchCheckpointIO}", "TorchCheckpointIO", None),
+    ],
+)
+def test_a_users_trainer_plugins_join_the_atomic_checkpoint_io(
+    plugins: str | None, checkpoint_io: str, environment: str | None, tmp_path: Path
+) -> None:
+    from normlab.run import build_trainer
+    from tests.test_configs import compose_train
+
+    extra = [f"+trainer.plugins={plugins}"] if plugins else []
+    _, cfg = compose_train(["trainer=cpu", "logger=csv", *extra], tmp_path)
+    trainer = build_trainer(cfg, [])
+    assert type(trainer.strategy.checkpoint_io).__name__ == checkpoint_io
+    if environment:
+        cluster = trainer._accelerator_connector.cluster_environment
+        assert type(cluster).__name__ == environment
