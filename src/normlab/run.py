@@ -6,7 +6,6 @@ loggers and Trainer from it, run, and write ``results.json`` into the run dir.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -18,7 +17,8 @@ from typing import Any
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.fabric.plugins import CheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
 from normlab.callbacks.reliability import reliability_callbacks
@@ -111,22 +111,18 @@ def build_model(
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
-    from lightning.fabric.plugins import CheckpointIO
-
     loggers = _instantiate_all(cfg.get("logger"))
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
         # a user's +trainer.plugins=[...] are kept; checkpoints are written beside their target,
         # atomically (a kill or a full disk keeps the old file), unless a plugin of the user's
         # already does the checkpoint I/O
-        plugins = instantiate(cfg.trainer.get("plugins") or [], _convert_="all")
+        plugins = instantiate(trainer.pop("plugins", None) or [], _convert_="all")
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        rest = copy.deepcopy(cfg)  # trainer.* without plugins, its interpolations intact
-        with open_dict(rest):
-            rest.trainer.pop("plugins", None)
         return instantiate(
-            rest.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+            trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             _convert_="all",
         )  # fmt: skip
     except InstantiationException as err:  # a trainer.* value Lightning rejects: a user error
