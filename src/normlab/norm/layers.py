@@ -109,10 +109,10 @@ class FrozenBatchNorm2d(nn.Module):
             x = child(x)
         return x
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
         # Old BatchNorm checkpoints have no num_batches_tracked; accept them as BatchNorm does.
-        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0))  # int64, like it
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        state_dict.setdefault(prefix + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
 
     def extra_repr(self) -> str:
         return (
