@@ -383,3 +383,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     )
     channels = list(net["widths"]) if convnet else []
     validate_norm_config(cfg["norm"], channels=channels, max_epochs=cfg["trainer"]["max_epochs"])
+    if cfg["norm"].get("init_from") is not None:  # a checkpoint holding BatchNorm statistics
+        from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
+        init_from_state_dict(cfg["norm"]["init_from"])
