@@ -85,8 +85,8 @@ class NormLabModule(L.LightningModule):
 
     Raises:
         ConfigError: a bad net, arch or weights file; NormConfigError: a norm that does not fit.
-        ConfigError at fit/test time: ``norm=frozen`` statistics that nothing set (no
-            ``FrozenBNCalibration`` callback, no weights, no loaded checkpoint).
+        ConfigError at validation/test time: ``norm=frozen`` statistics that nothing set (the
+            model was never fit, no weights, no loaded checkpoint).
 
     Example::
 
@@ -127,8 +127,8 @@ class NormLabModule(L.LightningModule):
         if weights:
             load_weights(built, weights)
         self.net = convert_norm(built, norm)
-        # frozen statistics nobody has set yet: a calibration callback, weights or a loaded
-        # state_dict must set them before the model is trained or evaluated
+        # frozen statistics nobody has set yet: NormLifecycle (at fit start), weights or a loaded
+        # state_dict set them before the model is trained or evaluated
         self.uncalibrated = not weights and any(
             isinstance(m, FrozenBatchNorm2d) for m in self.net.modules()
         )
@@ -153,17 +153,27 @@ class NormLabModule(L.LightningModule):
                 "norm.name",
                 "frozen",
                 "the FrozenBatchNorm2d layers hold statistics nothing has set (zeros and ones):"
-                " add normlab.callbacks.FrozenBNCalibration(num_batches=20) to the Trainer's"
-                " callbacks (train.py does), pass weights=<a state_dict file with BatchNorm"
-                " statistics>, or load a checkpoint first",
+                " train the model first (trainer.fit estimates them over norm.calibration_batches"
+                " training batches, or copies them from norm.init_from), pass weights=<a"
+                " state_dict file with BatchNorm statistics>, or load a checkpoint",
             )
 
-    def on_fit_start(self) -> None:
-        # FrozenBNCalibration (on_fit_start of callbacks runs first) sets the statistics
-        from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+    def configure_callbacks(self) -> list[Any]:
+        """The callbacks that are part of this model's semantics, which Lightning adds to every
+        ``trainer.fit`` / ``test`` of it (replacing a Trainer's callback of the same type):
+        ``NormLifecycle`` (the ``norm`` config's calibration, init_from, precise BN, distributed
+        BN and freeze schedule), ``ScheduleHorizon`` (a resumed run follows the current
+        ``trainer.max_epochs``, which ``T_max`` defaults to) and ``DivergenceGuard`` (a NaN loss
+        stops training before it reaches the weights). Imported here, not at module level: the
+        model does not depend on the callbacks package."""
+        from normlab.callbacks.divergence import DivergenceGuard
+        from normlab.callbacks.norm_lifecycle import NormLifecycle
+        from normlab.callbacks.schedule_horizon import ScheduleHorizon
 
-        if any(isinstance(c, FrozenBNCalibration) for c in self.trainer.callbacks):
-            self.uncalibrated = False
+        return [NormLifecycle.from_config(self.hparams.norm), ScheduleHorizon(), DivergenceGuard()]
+
+    def on_fit_start(self) -> None:
+        # NormLifecycle (configure_callbacks; callbacks' on_fit_start runs first) sets them
         self._refuse_uncalibrated()
 
     def on_validation_start(self) -> None:
