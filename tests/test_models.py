@@ -198,9 +198,10 @@ def test_model_activation_is_the_nets_activation() -> None:
 
 
 def test_distribute_bn_averages_every_batchnorm_of_a_resnet() -> None:
-    """Distributed BN (NormLifecycle(distribute_bn=True)) on resnet18 under a 2-process strategy stand-in: every running_mean and
-    running_var of the 20 BatchNorm layers becomes the mean over the ranks, here this rank's
-    value and one that is 1.0 larger (so the average is this rank's + 0.5, by hand)."""
+    """Distributed BN (NormLifecycle(distribute_bn=True)) on resnet18 under a 2-process
+    strategy stand-in: every running_mean and running_var of the 20 BatchNorm layers becomes the
+    mean over the ranks, here this rank's value and one that is 1.0 larger (so the average is
+    this rank's + 0.5, by hand)."""
     from normlab.callbacks import NormLifecycle
 
     model = NormLabModule(4, 1, {"name": "batchnorm"}, net=TV, arch="resnet18", scheduler=None)
