@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from normlab.errors import CheckpointError
-from normlab.utils.checkpoints import check_resumable, config_differences, find_last_checkpoint
+from normlab.resume import check_resumable, config_differences, find_last_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 STEPS_PER_EPOCH = 5

@@ -315,12 +315,12 @@ def init_from_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: the file is not a normlab checkpoint, or has no running statistics.
     """
-    from normlab.utils.checkpoints import load_checkpoint
+    from normlab.utils.checkpoints import CHECKPOINT_KEY, load_checkpoint
 
     checkpoint = load_checkpoint(Path(path).expanduser(), key="norm.init_from")
     state = checkpoint.get("state_dict") or {}
     if not any(k.endswith(".running_mean") for k in state):
-        trained = ((checkpoint["normlab"].get("config") or {}).get("norm") or {}).get("name")
+        trained = ((checkpoint[CHECKPOINT_KEY].get("config") or {}).get("norm") or {}).get("name")
         raise CheckpointError(
             f"norm.init_from={path} holds no BatchNorm running statistics (its run used"
             f" norm={trained}); give a checkpoint of a norm=batchnorm or norm=frozen run"

@@ -28,16 +28,11 @@ from normlab.models.adapters import (
     load_weights,
 )
 from normlab.models.defaults import default
-from normlab.norm.layers import (
-    FrozenBatchNorm2d,
-    freeze_named_layers,
-    frozen_layer_names,
-    param_groups,
-)
+from normlab.norm.layers import FrozenBatchNorm2d, param_groups
 from normlab.norm.registry import convert_norm
+from normlab.utils.checkpoints import CHECKPOINT_KEY
 
 log = logging.getLogger("normlab")
-CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's composed config
 TARGET = "normlab.models.NormLabModule"
 # hyperparameters that are not model.* keys of a run config (the data's counts, the norm group)
 NOT_MODEL_KEYS = ("num_classes", "in_channels", "norm")
@@ -299,12 +294,11 @@ class NormLabModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": 1,
-            "config": self.run_config or self._python_run_config(),
-            # which layers are frozen is part of the model's state (norm.freeze_at_epoch)
-            "frozen_layers": frozen_layer_names(self),
-        }
+        from normlab.resume import save_frozen_layers
+
+        entry = {"format": 1, "config": self.run_config or self._python_run_config()}
+        save_frozen_layers(self, entry)
+        checkpoint[CHECKPOINT_KEY] = entry
 
     def _python_run_config(self) -> dict[str, Any]:
         """The run config of a model trained from Python (train.py sets ``run_config``): model
@@ -323,10 +317,8 @@ class NormLabModule(L.LightningModule):
         return {"model": model, "norm": dict(self.hparams.norm), "data": data}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from normlab.resume import restore_frozen_layers
+
         entry = checkpoint.get(CHECKPOINT_KEY) or {}
         self.run_config = entry.get("config", self.run_config)
-        # before the weights load: a layer frozen in the checkpoint stays frozen, whatever the
-        # command line says (a run resumed past norm.freeze_at_epoch without repeating it)
-        frozen = freeze_named_layers(self, entry.get("frozen_layers", []))
-        if frozen:
-            log.info("checkpoint: %d BatchNorm layers frozen as in the checkpoint", len(frozen))
+        restore_frozen_layers(self, entry)  # before the weights load
