@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
-    from normlab.callbacks.rng_state import RNGStateCheckpoint
+    from normlab.callbacks.rng_state_checkpoint import RNGStateCheckpoint
 
     def draw() -> tuple:
         mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True)

@@ -13,9 +13,9 @@ How a resumed run goes on exactly where it stopped, and where each part lives:
   only after the weights, so this is the model's).
 - **the learning-rate schedule** follows the resuming command's horizon:
   ``callbacks/schedule_horizon.py`` (``ScheduleHorizon``, one of the model's callbacks).
-- **random state** (dropout masks, batch order): ``callbacks/rng_state.py``
+- **random state** (dropout masks, batch order): ``callbacks/rng_state_checkpoint.py``
   (``RNGStateCheckpoint``, ``callbacks.rng_state`` in configs/callbacks/default.yaml).
-- **preemption** (SIGTERM, Ctrl-C): ``callbacks/preemption.py`` writes a resumable
+- **preemption** (SIGTERM, Ctrl-C): ``callbacks/preemption_checkpoint.py`` writes a resumable
   ``last.ckpt`` (``callbacks.preemption``); :func:`find_last_checkpoint` finds it.
 """
 

@@ -204,8 +204,8 @@ class NormLabModule(L.LightningModule):
         Python) also ``BatchNormStats`` with its defaults, unless the Trainer has one: the
         ``norm/`` TensorBoard tags; train.py's ``callbacks`` config decides that itself.
         Imported here, not at module level: the model does not depend on the callbacks."""
-        from normlab.callbacks.bn_stats import BatchNormStats
-        from normlab.callbacks.divergence import DivergenceGuard
+        from normlab.callbacks.batch_norm_stats import BatchNormStats
+        from normlab.callbacks.divergence_guard import DivergenceGuard
         from normlab.callbacks.norm_lifecycle import NormLifecycle
         from normlab.callbacks.schedule_horizon import ScheduleHorizon
 
