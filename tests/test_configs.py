@@ -133,3 +133,18 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.sync_batchnorm is True
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+def test_init_from_is_opened_by_the_config_check(tmp_path: Path) -> None:
+    import torch
+
+    from normlab.errors import CheckpointError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    gn = tmp_path / "gn.ckpt"
+    torch.save({"normlab": {"config": {"norm": {"name": "groupnorm"}}}, "state_dict": {}}, gn)
+    for path, message in ((notes, "is not a normlab checkpoint"), (gn, "norm=groupnorm")):
+        container, _ = compose_train(["norm=frozen", f"norm.init_from={path}"], tmp_path)
+        with pytest.raises(CheckpointError, match=f"norm.init_from={path}.*{message}"):
+            validate_train_config(container)

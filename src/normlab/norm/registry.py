@@ -23,9 +23,7 @@ from normlab.norm.layers import (
     replace_modules,
 )
 from normlab.norm.schema import CUMULATIVE, NORMS, divisors_hint, validate_norm_config
-
-# PyTorch's defaults: what an unset (null) key means for a freshly built layer
-FRESH: dict[str, Any] = {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
+from normlab.norm.spec import FRESH
 
 
 def _momentum(value: Any) -> float | None:
