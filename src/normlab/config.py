@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.norm.spec import BATCH_STATS
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 MODULE_TARGET = "normlab.models.NormLabModule"
@@ -359,7 +360,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
-        cfg["norm"].get("name") == "batchnorm"
+        cfg["norm"].get("name") in BATCH_STATS
         and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):
