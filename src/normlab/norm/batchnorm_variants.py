@@ -28,6 +28,8 @@ class _BatchStatsNorm(_BatchNorm):
     ``momentum``, cumulative average with ``momentum=None``; unbiased variance), BatchNorm's eval
     mode, then any child modules (an activation kept from a replaced norm+activation layer)."""
 
+    applies_children = True  # a conversion moving an activation here needs no wrapper class
+
     def __init__(
         self,
         num_features: int,
