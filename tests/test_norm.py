@@ -490,7 +490,7 @@ def test_every_norm_yaml_lists_the_spec_keys_of_its_norm_with_their_defaults() -
 
 def test_spec_derives_resume_hparams_and_fresh_settings() -> None:
     from normlab.norm.registry import FRESH
-    from normlab.utils.checkpoints import RESUME_MAY_CHANGE
+    from normlab.resume import RESUME_MAY_CHANGE
     from normlab.utils.results import hparams_row
 
     assert FRESH == {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from normlab.errors import CheckpointError
-from normlab.utils.checkpoints import check_resumable, config_differences, find_last_checkpoint
+from normlab.resume import check_resumable, config_differences, find_last_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 STEPS_PER_EPOCH = 5
@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
-    from normlab.callbacks.rng_state import RNGStateCheckpoint
+    from normlab.callbacks.rng_state_checkpoint import RNGStateCheckpoint
 
     def draw() -> tuple:
         mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True)

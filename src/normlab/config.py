@@ -342,13 +342,23 @@ def _train_or_test(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def eval_data_config(
+    saved: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     """The data config eval.py tests with: the checkpoint's saved one, with eval.py's non-null
     ``data.*`` keys on top; eval.py's ``data.batch_size`` is the test loader's batch size."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    if not saved and "_target_" not in given:
+        raise ConfigError(
+            "data",
+            None,
+            "the checkpoint holds no data config (it was trained from Python, with DataLoaders"
+            " given to fit); name the data set to test on, e.g. python eval.py ckpt_path=<file>"
+            " +data=digits (an option of configs/data/)",
+        )
     if "batch_size" in given:
         given["eval_batch_size"] = given.pop("batch_size")
-    return {**saved, **given}
+    return {**(saved or {}), **given}
 
 
 def validate_train_config(cfg: Mapping[str, Any]) -> None:

@@ -20,7 +20,7 @@ _HOMES = {
         " is_norm_layer param_groups frozen_layer_names freeze_named_layers"
     ).split(),
     "registry": "CONSTRUCTORS convert_norm make_norm_factory norm_has_bias".split(),
-    "stats": ["estimate_population_stats", "apply_population_stats"],
+    "stats": ["estimate_population_stats", "apply_population_stats", "update_population_stats"],
 }
 _WHERE = {name: home for home, names in _HOMES.items() for name in names}
 __all__ = [*_WHERE, "NormConfigError"]
