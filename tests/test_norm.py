@@ -515,7 +515,8 @@ def test_spec_checks_every_key_it_lists() -> None:
     bad = {"name": "x", "momentum": 2, "eps": -1.0, "affine": 1, "track_running_stats": "no",
            "num_groups": 0, "precise_bn_batches": -2, "distribute_bn": "yes",
            "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
-           "freeze_affine": "yes"}  # fmt: skip
+           "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
+           "virtual_batch_size": 0}  # fmt: skip
     for key in KEYS:
         cfg = {"name": "batchnorm", key.name: bad[key.name]}
         with pytest.raises(NormConfigError, match=rf"norm\.{key.name}="):
