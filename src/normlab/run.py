@@ -18,6 +18,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.callbacks import norm_callbacks
@@ -25,6 +26,7 @@ from normlab.callbacks.reliability import reliability_callbacks
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
+from normlab.norm.sync import SyncBatchNormKeepingActivations
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
@@ -121,6 +123,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            plugins.append(SyncBatchNormKeepingActivations())  # Lightning's drops timm's act
         return instantiate(
             trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             _convert_="all",

@@ -70,10 +70,11 @@ def validate_norm_config(
     eps = get("eps")
     ok = eps is None or (_is_real(eps) and math.isfinite(eps) and eps > 0)
     _check(ok, "eps", eps, "expected a number > 0, or null to keep each layer's own")
-    for key in ("affine", "track_running_stats", "freeze_affine", "distribute_bn"):
+    for key in ("affine", "track_running_stats", "freeze_affine", "distribute_bn", "keep_affine"):
         _check(
             get(key) is None or isinstance(get(key), bool), key, get(key), "expected true or false"
         )
+    _check(get("fold") in (None, True, False), "fold", get("fold"), "expected true or false")
     n = get("precise_bn_batches") or 0
     _check(_is_int(n) and n >= 0, "precise_bn_batches", n, "expected an integer >= 0 (0: off)")
     if name == "frozen" and get("init_from") is None:
