@@ -225,3 +225,32 @@ def test_a_model_without_norm_layers_is_refused_by_name_except_for_none(caplog) 
     with caplog.at_level(logging.INFO, logger="normlab"):
         assert convert_norm(model, {"name": "none"}) is model
     assert "Sequential has no normalization layer; nothing to remove" in caplog.text
+
+
+def test_convnext_under_none_keeps_no_normalization_layer() -> None:
+    from normlab.models import NormLabModule
+    from normlab.norm import is_norm_layer
+
+    net = {"_target_": "normlab.models.timm_net"}
+    model = NormLabModule(3, 3, {"name": "none"}, net=net, arch="convnext_atto")
+    assert not [n for n, m in model.named_modules() if is_norm_layer(m)]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_the_conversion_says_what_it_dropped_of_loaded_weights(tmp_path, caplog) -> None:
+    import torchvision
+
+    from normlab.models import NormLabModule
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    net = {"_target_": "normlab.models.torchvision_net"}
+    with caplog.at_level(logging.INFO, logger="normlab"):
+        NormLabModule(3, 3, {"name": "groupnorm", "num_groups": 8}, net=net, arch="resnet18",
+                      weights=str(weights))  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records]
+    loaded = next(i for i, line in enumerate(lines) if "122 of 122 tensors loaded" in line)
+    converted = lines[loaded + 1]
+    # BatchNorm -> GroupNorm: gamma/beta are not carried by default (the statistics cannot be)
+    assert converted.startswith("norm=groupnorm: 20 BatchNorm2d -> GroupNorm (kept: eps)")
+    assert "; 100 tensors dropped: bn1.bias, bn1.num_batches_tracked" in converted

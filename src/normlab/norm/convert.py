@@ -107,6 +107,7 @@ class Conversion:
     layers: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     carried: set[str] = field(default_factory=set)  # tensor names carried into the new layers
+    settings: set[str] = field(default_factory=set)  # eps/momentum: those the new layers have
     kept: bool = False  # already the target: left in place
 
     def describe(self, settings: list[str], folded: int = 0) -> str:
@@ -150,6 +151,8 @@ def replace_norm_layers(
         key = (_plain_name(m), _plain_name(new))
         entry = report.setdefault(key, Conversion(*key))
         entry.layers.append(name)
+        own = {k for k in ("eps", "momentum") if getattr(new, k, None) is not None}
+        entry.settings |= own | ({"momentum"} if hasattr(new, "source_momentum") else set())
         if _math(new) == _math(m):
             entry.kept = True
             return m

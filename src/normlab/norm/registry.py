@@ -145,7 +145,8 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
     model, report = replace_norm_layers(model, build, cfg.get("keep_affine"))
     for entry in report.values():
         own = settings_of(sources[entry.layers[0]])
-        inherited = [key for key in ("eps", "momentum") if cfg.get(key) is None and key in own]
+        inherited = [k for k in ("eps", "momentum") if cfg.get(k) is None and k in own]
+        inherited = [k for k in inherited if k in entry.settings]
         n_folded = sum(layer in folded for layer in entry.layers)
         log.info("norm=%s: %s", name, entry.describe(inherited, n_folded))
     return model
