@@ -254,3 +254,25 @@ def test_the_conversion_says_what_it_dropped_of_loaded_weights(tmp_path, caplog)
     # BatchNorm -> GroupNorm: gamma/beta are not carried by default (the statistics cannot be)
     assert converted.startswith("norm=groupnorm: 20 BatchNorm2d -> GroupNorm (kept: eps)")
     assert "; 100 tensors dropped: bn1.bias, bn1.num_batches_tracked" in converted
+
+
+def test_a_channels_last_layer_stays_channels_last_when_frozen_or_synced() -> None:
+    """ConvNeXt's NHWC blocks: their BatchNorm, frozen later (norm.freeze_at_epoch) or made a
+    SyncBatchNorm, still normalizes the channels, the last dimension."""
+    from normlab.norm import convert_to_frozen
+    from normlab.norm.sync import SyncBatchNormKeepingActivations
+
+    model = timm.create_model("convnext_atto", num_classes=3, conv_mlp=False)
+    convert_norm(model, {"name": "batchnorm"})
+    x = torch.randn(4, 3, 32, 32)
+    model.train()(x)  # statistics that are not zeros/ones
+    with torch.no_grad():
+        expected = model.eval()(x)
+    synced = SyncBatchNormKeepingActivations().apply(model)
+    assert type(synced.stages[0].blocks[0].norm).__name__ == "ChannelsLastSyncBatchNorm"
+    with torch.no_grad():
+        assert torch.allclose(synced(x), expected, atol=1e-6)
+    frozen = convert_to_frozen(model)
+    assert type(frozen.stages[0].blocks[0].norm).__name__ == "ChannelsLastFrozenBatchNorm2d"
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), expected, atol=1e-5)

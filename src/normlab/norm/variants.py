@@ -71,15 +71,18 @@ GroupNormAct = variant(ThenChildren, nn.GroupNorm)
 def keep_children(old: nn.Module, new: nn.Module) -> nn.Module:
     """Move the child modules of a replaced norm layer (timm's ``BatchNormAct2d`` holds ``drop``
     and ``act``) onto ``new``, which applies them after normalizing, so replacing the norm keeps
-    the activation. ``new`` is returned unchanged when ``old`` has no children; an
-    ``nn.Identity`` becomes the children themselves."""
+    the activation; and give ``new`` the input layout of ``old`` (a ``ChannelsLast`` layer stays
+    channels-last). ``new`` is returned unchanged when ``old`` is a plain layer without
+    children; an ``nn.Identity`` becomes the children themselves."""
     children = list(old.named_children())
-    if not children:
-        return new
     if isinstance(new, nn.Identity):
+        if not children:
+            return new
         # nn.Sequential takes named modules only as an OrderedDict (a plain dict is refused)
         return nn.Sequential(OrderedDict(children)) if len(children) > 1 else children[0][1]
-    if not getattr(new, "applies_children", False):
+    if isinstance(old, ChannelsFirst):
+        new.__class__ = variant(ChannelsLast if old.channels_last else ChannelsFirst, type(new))
+    if children and not getattr(new, "applies_children", False):
         new.__class__ = variant(ThenChildren, type(new))
     for name, child in children:
         new.add_module(name, child)
