@@ -516,7 +516,7 @@ def test_spec_checks_every_key_it_lists() -> None:
            "num_groups": 0, "precise_bn_batches": -2, "distribute_bn": "yes",
            "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
            "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
-           "virtual_batch_size": 0}  # fmt: skip
+           "virtual_batch_size": 0, "keep_affine": "yes", "fold": 1}  # fmt: skip
     for key in KEYS:
         cfg = {"name": "batchnorm", key.name: bad[key.name]}
         with pytest.raises(NormConfigError, match=rf"norm\.{key.name}="):
