@@ -1,7 +1,7 @@
 """The only list of norms, as constructors: ``make_norm_factory(cfg)(channels)`` builds a layer
 for a model that takes a ``norm_layer`` factory, and ``convert_norm(model, cfg)`` turns every
-normalization layer of any ``nn.Module`` into the configured norm, in place, keeping module names (so
-state_dict keys) and each layer's own settings unless the config sets them."""
+normalization layer of any ``nn.Module`` into the configured norm, in place, keeping module
+names (so state_dict keys) and each layer's own settings unless the config sets them."""
 
 from __future__ import annotations
 
