@@ -195,6 +195,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             "task_name": cfg.task_name,
             "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
+            "steps": trainer.global_step,  # optimizer steps (the benchmark compares them)
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
         write_results(run_dir, metrics, checkpoints, extra=extra)
