@@ -165,6 +165,8 @@ IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
      ["training split holds 1 image(s) of 3", "data.data_dir", "data.val_fraction"]),
     ("folder_test_fraction_zero", ["data=imagefolder", "data.data_dir={tmp}",
      "data.test_fraction=0"], "ok", ["no test split", "data.test_fraction=0", "test=false"]),
+    ("folder_symlink_loop", ["data=imagefolder", "data.data_dir={tmp}"], "loop",
+     ["cat/loop is a symbolic link to", "rm ", "cat/loop"]),
     ("folder_empty_class", ["data=imagefolder", "data.data_dir={tmp}"], "empty_class",
      ["class folder(s) without images", "/owl", "remove them"]),
     # values that ended in a traceback
@@ -211,7 +213,9 @@ def _folder(root: Path, layout: str) -> None:
     for c, n in zip(("cat", "dog"), counts, strict=False):
         for i in range(n):
             png(root / c / f"{i}.png", 40 * i)
-    if layout == "empty_class":
+    if layout == "loop":  # 12 images became 492, dog images labelled cat
+        os.symlink("..", root / "cat" / "loop")
+    elif layout == "empty_class":
         (root / "owl").mkdir()
     elif layout == "text_jpg":
         (root / "dog" / "notes.jpg").write_text("a text file, not a JPEG\n")
