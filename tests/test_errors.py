@@ -252,6 +252,35 @@ def test_bad_input_in_process(case: tuple, tmp_path: Path, capsys) -> None:
         assert not run_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "override, fixed",
+    [
+        ('model.weights="~/w.pth"', "cannot read it as a state_dict file"),
+        ('ckpt_path="~/c.ckpt"', "is not a normlab checkpoint"),
+        ('norm.init_from="~/c.ckpt"', "is not a normlab checkpoint"),
+    ],
+)
+def test_tilde_means_home_in_every_file_key(
+    override: str, fixed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``~`` is the user's home in each key that names a file (it was expanded only in
+    norm.init_from; model.weights and ckpt_path answered 'no such file')."""
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("w.pth", "c.ckpt"):
+        (home / name).write_text("not tensors")
+    monkeypatch.setenv("HOME", str(home))
+    norm = ["norm=frozen"] if override.startswith("norm.") else []
+    _, cfg = compose_train(["trainer=cpu", *norm, override], tmp_path / "run")
+    with pytest.raises(SystemExit):
+        run_task("train", cfg)
+    err = capsys.readouterr().err
+    assert fixed in err and str(home) in err and "no such file" not in err, err
+
+
 # -- before Hydra creates anything: an unwritable run dir, a SLURM launcher without SLURM -------
 @pytest.fixture
 def read_only_dir(tmp_path: Path):

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.config import validate_eval_config, validate_train_config
+from normlab.config import expand_user_paths, validate_eval_config, validate_train_config
 from normlab.errors import ConfigError, NormlabError
 
 log = logging.getLogger("normlab")
@@ -101,6 +101,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
                 "???",
                 f"this key is required; add it to the command line, e.g. {missing[0]}={example}",
             )
+        expand_user_paths(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         if task == "train":
             validate_train_config(container)

@@ -38,6 +38,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
 
 
+# the keys that name a file the user has: a leading ~ means their home, as in a shell (quoted on
+# Hydra's command line, "~/w.pth", the shell does not expand it)
+USER_PATH_KEYS = ("ckpt_path", "model.weights", "norm.init_from")
+
+
+def expand_user_paths(cfg: Any) -> None:
+    """Expand a leading ``~`` in the values of :data:`USER_PATH_KEYS` of the composed config
+    ``cfg`` (a DictConfig, changed in place), once, before anything reads them."""
+    from omegaconf import OmegaConf
+
+    for key in USER_PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
+
+
 def _number(
     cfg: Mapping[str, Any],
     key: str,
