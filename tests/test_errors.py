@@ -161,6 +161,8 @@ IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
      ["data.synthetic.noise_std=inf", "finite number"]),
     ("synthetic_noise_nan", ["data=synthetic", "+data.synthetic.noise_std=nan"], "",
      ["data.synthetic.noise_std=nan", "finite number"]),
+    ("norm_key_not_taken", ["norm=layernorm", "+norm.num_groups=4"], "",
+     ["norm.num_groups=4", "norm=layernorm does not use it (it takes eps, affine)", "groupnorm"]),
     ("folder_three_images", ["data=imagefolder", "data.data_dir={tmp}"], "three",
      ["training split holds 1 image(s) of 3", "data.data_dir", "data.val_fraction"]),
     ("folder_test_fraction_zero", ["data=imagefolder", "data.data_dir={tmp}",

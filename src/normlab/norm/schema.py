@@ -18,6 +18,22 @@ from typing import Any
 from normlab.errors import CheckpointError, NormConfigError
 
 NORMS: tuple[str, ...] = ("none", "batchnorm", "frozen", "groupnorm", "layernorm")
+# the norm.* keys each norm takes (besides name); any other key set is refused, not ignored
+NORM_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "batchnorm": (
+        "momentum",
+        "eps",
+        "affine",
+        "track_running_stats",
+        "freeze_at_epoch",
+        "precise_bn_batches",
+        "distribute_bn",
+    ),
+    "frozen": ("eps", "affine", "momentum", "freeze_affine", "calibration_batches", "init_from"),
+    "groupnorm": ("num_groups", "eps", "affine"),
+    "layernorm": ("eps", "affine"),
+}
 # norm.momentum's spelling of PyTorch's momentum=None (a cumulative average): null means unset
 CUMULATIVE = "cumulative"
 
@@ -54,7 +70,7 @@ def validate_norm_config(
     ``max_epochs``: ``trainer.max_epochs`` (-1 or None: unbounded); ``check_files``: also check
     that ``norm.init_from`` is a normlab checkpoint holding BatchNorm statistics (a training-time
     concern: a model rebuilt from a checkpoint skips it; this one imports torch).
-    Unknown extra keys are ignored.
+    A key set that the norm does not take (:data:`NORM_KEYS`) is refused.
 
     Raises:
         NormConfigError: naming the key (``norm.momentum`` ...), the value and what is allowed.
@@ -62,6 +78,7 @@ def validate_norm_config(
     """
     name = cfg.get("name") if isinstance(cfg, Mapping) else None
     _check(name in NORMS, "name", name, f"choose one of {', '.join(NORMS)} (e.g. norm=batchnorm)")
+    _check_keys_taken(cfg, name)
     get = cfg.get
     m = get("momentum")
     allowed = f"expected a number in [0, 1], {CUMULATIVE!r} for a cumulative average, or null"
@@ -99,6 +116,18 @@ def validate_norm_config(
     exists = isinstance(path, str | os.PathLike) and Path(path).expanduser().is_file()
     _check(exists, "init_from", path, "no such file; give a checkpoint or null")
     init_from_state_dict(path)
+
+
+def _check_keys_taken(cfg: Mapping[str, Any], name: str) -> None:
+    """A key set (not null) that norm ``name`` does not use would be silently ignored."""
+    taken = NORM_KEYS.get(name, ())
+    for key, value in cfg.items():
+        if key == "name" or key in taken or value is None:
+            continue
+        others = [n for n, keys in NORM_KEYS.items() if key in keys]
+        allowed = f"norm={name} does not use it (it takes {', '.join(taken) or 'no keys'});"
+        allowed += f" drop it, or choose a norm that does ({', '.join(others) or 'none does'})"
+        _check(False, key, value, allowed)
 
 
 def _check_freeze_at(epoch: Any, max_epochs: int | None) -> None:
