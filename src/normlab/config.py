@@ -256,7 +256,7 @@ def validate_model(model: Mapping[str, Any]) -> None:
     if model.get("scheduler") is not None:
         _target(model["scheduler"], "model.scheduler")
         _number(model["scheduler"], "T_max", "model.scheduler", kind=int, low=1, optional=True)
-    for key in ("channels_last", "compile"):
+    for key in ("channels_last", "compile", "weights_strict"):
         if not isinstance(model.get(key, False), bool):
             raise ConfigError(f"model.{key}", model.get(key), "expected true or false")
 

@@ -67,6 +67,7 @@ RESUME_MAY_CHANGE = (
     "model.compile",
     "model.channels_last",
     "model.weights",
+    "model.weights_strict",
     "norm.calibration_batches",
     "norm.init_from",
     "norm.precise_bn_batches",
