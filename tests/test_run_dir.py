@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlab.run_dir import RunDirError, claim_run_dir, created_by_this_run, release_run_dir
+from normlab.run_dir import (
+    RunDirError,
+    check_resumes_here,
+    claim_run_dir,
+    created_by_this_run,
+    release_run_dir,
+)
 from tests.conftest import FAST, run_script
 
 
@@ -76,6 +82,9 @@ def test_a_finished_run_is_refused_unless_resumed_from_inside(tmp_path: Path, cl
     other = _finished(tmp_path / "other")
     claim_run_dir(other, ckpt_path="last")  # `last` is checked again once resolved
     claims.append(other)
+    check_resumes_here(other, str(other / "checkpoints" / "last.ckpt"))
+    with pytest.raises(RunDirError, match="already holds a finished run"):  # a newer run's
+        check_resumes_here(other, str(tmp_path / "newer" / "checkpoints" / "last.ckpt"))
 
 
 def test_a_finished_sweep_is_refused(tmp_path: Path) -> None:
