@@ -27,10 +27,11 @@ from normlab.norm import (
     validate_norm_config,
 )
 from normlab.norm.stats import apply_population_stats, estimate_population_stats
+from tests.conftest import ROOT
 
 
 def small_cnn(norm: str = "batchnorm") -> nn.Sequential:
-    factory = make_norm_factory({"name": norm, "num_groups": 2})
+    factory = make_norm_factory({"name": norm, "num_groups": 2 if norm == "groupnorm" else None})
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False),
         factory(8),
@@ -93,9 +94,7 @@ def test_batchnorm_momentum_cumulative_is_cumulative_average() -> None:
 
 def test_factory_types_and_options() -> None:
     assert isinstance(make_norm_factory({"name": "none"})(8), nn.Identity)
-    bn = make_norm_factory(
-        {"name": "batchnorm", "momentum": 0.3, "eps": 1e-3, "affine": False, "extra": 1}
-    )(8)
+    bn = make_norm_factory({"name": "batchnorm", "momentum": 0.3, "eps": 1e-3, "affine": False})(8)
     assert (bn.momentum, bn.eps, bn.affine, bn.weight) == (0.3, 1e-3, False, None)
     fz = make_norm_factory({"name": "frozen", "eps": 1e-4, "freeze_affine": True})(8)
     assert isinstance(fz, FrozenBatchNorm2d) and fz.eps == 1e-4 and fz.freeze_affine
@@ -110,7 +109,7 @@ def test_factory_types_and_options() -> None:
 
 @pytest.mark.parametrize("name", ["groupnorm", "layernorm"])
 def test_groupnorm_layernorm_have_no_running_stats(name: str) -> None:
-    layer = make_norm_factory({"name": name, "num_groups": 4})(8)
+    layer = make_norm_factory({"name": name, "num_groups": 4 if name == "groupnorm" else None})(8)
     assert [n for n, _ in layer.named_buffers()] == []
     assert sorted(layer.state_dict()) == ["bias", "weight"]
 
@@ -219,7 +218,7 @@ def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     good = [
         ({"name": "none"}, {}),
         (
-            {"name": "batchnorm", "momentum": None, "freeze_at_epoch": 4, "x": "ignored"},
+            {"name": "batchnorm", "momentum": None, "freeze_at_epoch": 4, "num_groups": None},
             {"max_epochs": 5},
         ),
         ({"name": "batchnorm", "momentum": 0, "precise_bn_batches": 0}, {}),
@@ -230,6 +229,33 @@ def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     ]
     for cfg, kwargs in good:
         validate_norm_config(cfg, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key", "expected"),
+    [
+        ({"name": "layernorm", "num_groups": 4}, "num_groups", "norm=layernorm does not use it"),
+        ({"name": "batchnorm", "init_from": "x.ckpt"}, "init_from", "a norm that does (frozen)"),
+        ({"name": "none", "eps": 1e-3}, "eps", "norm=none does not use it (it takes fold)"),
+        ({"name": "groupnorm", "num_groups": 8, "epsilon": 1}, "epsilon", "(none does)"),
+    ],
+)
+def test_a_key_the_norm_does_not_take_is_refused(cfg: dict, key: str, expected: str) -> None:
+    """It was silently ignored (``norm=layernorm +norm.num_groups=4`` trained a LayerNorm)."""
+    with pytest.raises(NormConfigError, match=f"norm.{key}=") as info:
+        validate_norm_config(cfg)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_every_norm_declares_the_keys_of_its_config_file(name: str) -> None:
+    """configs/norm/<name>.yaml sets only keys its norm takes (NORM_KEYS is the table)."""
+    import yaml
+
+    from normlab.norm.schema import NORM_KEYS
+
+    text = (ROOT / "configs" / "norm" / f"{name}.yaml").read_text()
+    assert set(yaml.safe_load(text)) - {"name"} <= set(NORM_KEYS[name])
 
 
 # --- FrozenBatchNorm2d -------------------------------------------------------------------------
@@ -518,7 +544,9 @@ def test_spec_checks_every_key_it_lists() -> None:
            "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
            "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
            "virtual_batch_size": 0, "keep_affine": "yes", "fold": 1}  # fmt: skip
-    for key in KEYS:
-        cfg = {"name": "batchnorm", key.name: bad[key.name]}
-        with pytest.raises(NormConfigError, match=rf"norm\.{key.name}="):
+    for key in KEYS:  # each value refused by its own check, under a norm that takes the key
+        norm = key.norms[0] if key.name != "name" else "batchnorm"
+        cfg = {"name": norm, key.name: bad[key.name]}
+        with pytest.raises(NormConfigError, match=rf"norm\.{key.name}=") as info:
             validate_norm_config(cfg)
+        assert "does not use it" not in str(info.value), info.value

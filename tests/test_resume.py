@@ -126,21 +126,6 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
     assert got[2] == expected[2]
 
 
-def test_a_reused_run_dir_starts_fresh_unless_asked_to_resume(tmp_path) -> None:
-    # Lightning resumes fit(ckpt_path=None) from "last" when an OnExceptionCheckpoint is present;
-    # normlab's preemption callback is not one, so only ckpt_path= resumes
-    from tests.conftest import FAST, run_script
-
-    first = run_script("train.py", *FAST, run_dir=tmp_path / "run")
-    assert first.returncode == 0, first.output[-2000:]
-    again = run_script("train.py", *FAST, run_dir=tmp_path / "run")
-    assert again.returncode == 0, again.output[-2000:]
-    restored = [ln for ln in again.output.splitlines() if "Restoring states from" in ln]
-    assert restored and not any("last.ckpt" in ln for ln in restored)  # only test's best ckpt
-    assert "was called without a model" not in again.output
-    assert again.results["epochs"] == 1 and "train/loss" in again.results["metrics"]
-
-
 def _lr_by_step(run_dir) -> dict[int, float]:
     """The learning rate of the first parameter group as LearningRateMonitor logged it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -38,6 +38,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
 
 
+# the keys that name a file the user has: a leading ~ means their home, as in a shell (quoted on
+# Hydra's command line, "~/w.pth", the shell does not expand it)
+USER_PATH_KEYS = ("ckpt_path", "model.weights", "norm.init_from")
+
+
+def expand_user_paths(cfg: Any) -> None:
+    """Expand a leading ``~`` in the values of :data:`USER_PATH_KEYS` of the composed config
+    ``cfg`` (a DictConfig, changed in place), once, before anything reads them."""
+    from omegaconf import OmegaConf
+
+    for key in USER_PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
+
+
 def _number(
     cfg: Mapping[str, Any],
     key: str,
@@ -78,7 +94,24 @@ def data_channels(data: Mapping[str, Any]) -> int | None:
     return SOURCE_CHANNELS.get(data.get("name"))
 
 
+def _finite_everywhere(value: Any, key: str) -> None:
+    """No number anywhere under ``key`` is nan or inf: one rule for every ``data.*`` value (a
+    nan passes every range check and an inf every lower bound, so each key's own check misses
+    them: ``data.synthetic.noise_std=inf`` trained on pure noise)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite_everywhere(v, f"{key}.{k}")
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(key, list(value), "every entry must be a finite number")
+        for i, v in enumerate(value):
+            _finite_everywhere(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, value, "expected a finite number (not nan or inf)")
+
+
 def validate_data(data: Mapping[str, Any]) -> None:
+    _finite_everywhere(data, "data")
     _number(data, "batch_size", "data", kind=int, low=1)
     _number(data, "eval_batch_size", "data", kind=int, low=1)
     _number(data, "num_workers", "data", kind=int, low=0)
@@ -131,13 +164,8 @@ def validate_data(data: Mapping[str, Any]) -> None:
                     list(values),
                     f"data={data.get('name')} has {channels} channel(s): give {channels} value(s)",
                 )
-            if any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                for v in values
-            ):
-                raise ConfigError(
-                    f"data.{key}", list(values), "every entry must be a finite number"
-                )
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                raise ConfigError(f"data.{key}", list(values), "every entry must be a number")
             if key == "std" and any(v <= 0 for v in values):
                 raise ConfigError("data.std", list(values), "every std must be a positive number")
 
@@ -228,7 +256,7 @@ def validate_model(model: Mapping[str, Any]) -> None:
     if model.get("scheduler") is not None:
         _target(model["scheduler"], "model.scheduler")
         _number(model["scheduler"], "T_max", "model.scheduler", kind=int, low=1, optional=True)
-    for key in ("channels_last", "compile"):
+    for key in ("channels_last", "compile", "weights_strict"):
         if not isinstance(model.get(key, False), bool):
             raise ConfigError(f"model.{key}", model.get(key), "expected true or false")
 

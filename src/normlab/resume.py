@@ -43,6 +43,7 @@ RESUME_MAY_CHANGE = (
     "model.compile",
     "model.channels_last",
     "model.weights",
+    "model.weights_strict",
     *NORM_RESUME_MAY_CHANGE,
 )
 # data settings that decide the model's input and output (the rest: where and how it is read)

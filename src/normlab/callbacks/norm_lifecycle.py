@@ -80,7 +80,7 @@ class NormLifecycle(Callback):
             distribute_bn=distribute_bn,
             freeze_at_epoch=freeze_at_epoch,
         )
-        validate_norm_config({"name": "frozen", **settings}, check_files=False)
+        validate_norm_config({"name": "frozen", **settings}, check_files=False, keys_taken=False)
         self.calibration_batches, self.init_from = calibration_batches, init_from
         self.precise_bn_batches, self.distribute_bn = precise_bn_batches, distribute_bn
         self.freeze_at_epoch = freeze_at_epoch

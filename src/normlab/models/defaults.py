@@ -71,6 +71,9 @@ class ModelConfig:
     activation: Any = None
     # a local state_dict file (.pth/.pt/.safetensors) loaded before the norm conversion
     weights: Any = None
+    # false: load the tensors of model.weights that fit and re-initialise the rest (true: refuse
+    # a file that leaves the model's body partly fresh or holds tensors the model does not use)
+    weights_strict: Any = True
     optimizer: Any = field(default_factory=OptimizerConfig)
     scheduler: Any = field(default_factory=SchedulerConfig)
     # channels-last (NHWC) memory for convolutions, the layout GPU tensor cores prefer

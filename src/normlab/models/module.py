@@ -90,7 +90,10 @@ class NormLabModule(L.LightningModule):
         activation: the net's activation (``relu``, ``sigmoid``, ...), passed to it as
             ``activation``; None keeps the net's own (the ConvNet's ``net["activation"]``).
         weights: a local state_dict file (.pth/.safetensors) loaded before the norm conversion, so
-            ``norm=frozen`` keeps its statistics; tensors of another shape are re-initialised.
+            ``norm=frozen`` keeps its statistics; the classifier head (and the first conv for
+            other input channels) are re-initialised when the file's do not fit.
+        weights_strict: False loads a file that fits only partly (missing or unused tensors in
+            the body), re-initialising the rest; True (default) refuses it, naming the tensors.
         optimizer: ``{"_target_": "torch.optim.SGD", "lr": ..., ...}`` (a partial, given the named
             parameter groups ``"weights"`` and ``"norm"``); ``norm_weight_decay`` is the norm
             group's weight decay. Without ``_target_``: overrides of the default AdamW.
@@ -124,6 +127,7 @@ class NormLabModule(L.LightningModule):
         arch: str | None = None,
         activation: str | None = None,
         weights: str | None = None,
+        weights_strict: bool = True,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None | str = DEFAULT,
         channels_last: bool = False,
@@ -160,7 +164,8 @@ class NormLabModule(L.LightningModule):
         if built is None:
             built = build_net(net, num_classes, in_channels, norm)
         if weights:
-            load_weights(built, weights)
+            frozen = norm.get("name") == "frozen"
+            load_weights(built, weights, strict=weights_strict, statistics_needed=frozen)
         self.net = convert_norm(built, norm)
         # frozen statistics nobody has set yet: NormLifecycle (at fit start), weights or a loaded
         # state_dict set them before the model is trained or evaluated

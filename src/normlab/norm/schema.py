@@ -18,7 +18,12 @@ from typing import Any
 from normlab.errors import NormConfigError
 from normlab.norm.spec import CUMULATIVE, KEYS, NORMS, SPEC, is_int, value
 
-__all__ = ["CUMULATIVE", "NORMS", "divisors_hint", "validate_norm_config"]
+__all__ = ["CUMULATIVE", "NORM_KEYS", "NORMS", "divisors_hint", "validate_norm_config"]
+
+# the norm.* keys each norm takes (besides name), from the spec; any other key set is refused
+NORM_KEYS: dict[str, tuple[str, ...]] = {
+    norm: tuple(k.name for k in KEYS[1:] if norm in k.norms) for norm in NORMS
+}
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -43,6 +48,7 @@ def validate_norm_config(
     channels: Sequence[int] = (),
     max_epochs: int | None = None,
     check_files: bool = True,
+    keys_taken: bool = True,
 ) -> None:
     """Check a ``norm`` config (a mapping such as ``{"name": "groupnorm", "num_groups": 8}``)
     before any layer is built: every key of ``normlab.norm.spec`` that is set, then the rules
@@ -51,13 +57,17 @@ def validate_norm_config(
     ``max_epochs``: ``trainer.max_epochs`` (-1 or None: unbounded); ``check_files``: also check
     that ``norm.init_from`` is a file (a training-time concern: a model rebuilt from a checkpoint
     skips it; that the file holds BatchNorm statistics is the lifecycle's check,
-    ``normlab.callbacks.norm_lifecycle.init_from_state_dict``). Unknown extra keys are ignored.
+    ``normlab.callbacks.norm_lifecycle.init_from_state_dict``). A key set that the norm does not
+    take (:data:`NORM_KEYS`) is refused, not ignored (``keys_taken=False``: only each value is
+    checked, for settings gathered from several norms, as ``NormLifecycle``'s).
 
     Raises:
         NormConfigError: naming the key (``norm.momentum`` ...), the value and what is allowed.
     """
     name = cfg.get("name") if isinstance(cfg, Mapping) else None
     _check(name in NORMS, "name", name, SPEC["name"].allowed + " (e.g. norm=batchnorm)")
+    if keys_taken:
+        _check_keys_taken(cfg, name)
     get = cfg.get
     if name == "frozen" and get("init_from") is None:
         _require("calibration_batches", value(cfg, "calibration_batches"))
@@ -81,6 +91,18 @@ def validate_norm_config(
         return
     exists = isinstance(path, str | os.PathLike) and Path(path).expanduser().is_file()
     _check(exists, "init_from", path, "no such file; give a checkpoint or null")
+
+
+def _check_keys_taken(cfg: Mapping[str, Any], name: str) -> None:
+    """A key set (not null) that norm ``name`` does not use would be silently ignored."""
+    taken = NORM_KEYS.get(name, ())
+    for key, value in cfg.items():
+        if key == "name" or key in taken or value is None:
+            continue
+        others = [n for n, keys in NORM_KEYS.items() if key in keys]
+        allowed = f"norm={name} does not use it (it takes {', '.join(taken) or 'no keys'});"
+        allowed += f" drop it, or choose a norm that does ({', '.join(others) or 'none does'})"
+        _check(False, key, value, allowed)
 
 
 def _check_freeze_at(epoch: Any, max_epochs: int | None) -> None:
