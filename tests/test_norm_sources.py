@@ -13,14 +13,21 @@ import torch
 from torch import nn
 
 from normlab.errors import NormConfigError
-from normlab.norm import FrozenBatchNorm2d, convert_norm
+from normlab.norm import FrozenBatchNorm2d, convert_norm, make_norm_factory
 from normlab.norm.registry import CONSTRUCTORS
 
 timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d, GroupNormAct, LayerNorm2d, LayerNormAct2d  # noqa: E402
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "normalization.md"
-CONFIG = {"num_groups": 8}
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "normalization.md"
+
+
+def norm_config(norm: str) -> dict:
+    """configs/norm/<norm>.yaml, as train.py passes it."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "norm" / f"{norm}.yaml").read_text())
 
 
 class ChannelsLastBlock(nn.Module):
@@ -127,13 +134,14 @@ def test_each_documented_conversion(row: str, norm: str, cell: str) -> None:
     with torch.no_grad():
         before = model(x)
     layer = dict(model.named_modules()).get(name) if name else None
+    cfg = norm_config(norm)
     if cell == "refused":
         with pytest.raises(NormConfigError) as info:
-            convert_norm(model, {"name": norm, **CONFIG})
+            convert_norm(model, cfg)
         text = str(info.value)
         assert (type(model).__name__ if not name else f"layer {name}") in text
         return
-    model = convert_norm(model, {"name": norm, **CONFIG})
+    model = convert_norm(model, cfg)
     new = dict(model.named_modules()).get(name) if name else None
     with torch.no_grad():
         after = model(x)
@@ -147,8 +155,7 @@ def test_each_documented_conversion(row: str, norm: str, cell: str) -> None:
     kept_act = [c for c in ("act", "drop") if hasattr(layer, c) and c in dict(new.named_children())]
     assert kept_act == [c for c in ("act", "drop") if hasattr(layer, c)]  # fused act survives
     if cell == "converted":
-        expected = CONSTRUCTORS[norm](16, {"eps": 1e-5, "momentum": 0.1, "affine": True,
-                                           "track_running_stats": True, **CONFIG})  # fmt: skip
+        expected = make_norm_factory(cfg)(16)
         assert isinstance(new, type(expected))
         assert not any(hasattr(new, k) and getattr(new, k) is None for k in ("weight", "bias"))
     elif cell in ("folded", "dropped"):
