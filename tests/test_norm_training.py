@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.errors import CheckpointError
+from normlab.errors import CheckpointError, NormConfigError
 from normlab.norm import FrozenBatchNorm2d, batchnorm_layers
 from normlab.norm.stats import estimate_population_stats
 from tests.conftest import FAST, Run, run_script
@@ -69,10 +69,9 @@ def test_frozen_stats_survive_lightning_mode_switches_and_match_calibration() ->
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-    from normlab.callbacks import FrozenBNCalibration
-
     torch.manual_seed(0)
-    datamodule, model = tiny_data(), tiny_model({"name": "frozen"})
+    # no callback passed: the model brings its NormLifecycle (configure_callbacks)
+    datamodule, model = tiny_data(), tiny_model({"name": "frozen", "calibration_batches": 3})
     frozen = dict(batchnorm_layers(model))
     assert set(frozen) == {"net.features.1", "net.features.5"}
     assert all(isinstance(m, FrozenBatchNorm2d) for m in frozen.values())
@@ -101,7 +100,7 @@ def test_frozen_stats_survive_lightning_mode_switches_and_match_calibration() ->
             self._record(pl_module, "val")
 
     probe = Probe()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[FrozenBNCalibration(3), probe])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=datamodule)
@@ -156,22 +155,34 @@ def test_norm_weight_decay_param_groups() -> None:
     assert [g["weight_decay"] for g in fixed.configure_optimizers().param_groups] == [1e-4]
 
 
-def test_norm_callbacks_from_config_and_bad_arguments(tmp_path: Path) -> None:
-    from normlab.callbacks import FreezeBatchNorm, FrozenBNCalibration, PreciseBN, norm_callbacks
+def test_norm_lifecycle_from_config_and_bad_arguments(tmp_path: Path) -> None:
+    from normlab.callbacks import NormLifecycle
 
-    assert norm_callbacks({"name": "batchnorm", "freeze_at_epoch": None}) == []
-    made = norm_callbacks({"name": "batchnorm", "freeze_at_epoch": 3, "precise_bn_batches": 5})
-    assert [type(c) for c in made] == [PreciseBN, FreezeBatchNorm]
-    assert (made[0].num_batches, made[1].at_epoch) == (5, 3)
-    (calibration,) = norm_callbacks({"name": "frozen", "calibration_batches": 7})
-    assert isinstance(calibration, FrozenBNCalibration) and calibration.num_batches == 7
-    for bad in (lambda: FreezeBatchNorm(0), lambda: PreciseBN(0), lambda: FrozenBNCalibration(0)):
-        with pytest.raises(ValueError, match=r"norm\.\w+=0"):
-            bad()
+    default = NormLifecycle.from_config({"name": "batchnorm", "freeze_at_epoch": None})
+    assert (default.precise_bn_batches, default.freeze_at_epoch, default.distribute_bn) == (
+        0, None, False
+    )  # fmt: skip
+    made = NormLifecycle.from_config(
+        {"name": "batchnorm", "freeze_at_epoch": 3, "precise_bn_batches": 5}
+    )
+    assert (made.precise_bn_batches, made.freeze_at_epoch) == (5, 3)
+    # a config built in Python need not list calibration_batches: the spec's default, 20
+    assert NormLifecycle.from_config({"name": "frozen"}).calibration_batches == 20
+    calibration = NormLifecycle.from_config({"name": "frozen", "calibration_batches": 7})
+    assert calibration.calibration_batches == 7
+    for key in ("freeze_at_epoch", "precise_bn_batches", "calibration_batches"):
+        value = -1 if key == "precise_bn_batches" else 0
+        with pytest.raises(NormConfigError, match=rf"norm\.{key}={value}"):
+            NormLifecycle(**{key: value})
+    model = tiny_model({"name": "frozen", "calibration_batches": 2})
+    (lifecycle, *_) = model.configure_callbacks()
+    assert isinstance(lifecycle, NormLifecycle) and lifecycle.calibration_batches == 2
     text = tmp_path / "x.ckpt"
     text.write_text("no")
-    with pytest.raises(CheckpointError, match="norm.init_from="):
-        FrozenBNCalibration(init_from=str(text))
+    model = tiny_model({"name": "frozen", "init_from": str(text)})
+    with pytest.raises(CheckpointError, match="norm.init_from="):  # at fit start, before a step
+        quiet_trainer(max_epochs=1).fit(model, datamodule=tiny_data())
+    assert model.uncalibrated
 
 
 # --- end to end: train.py as a user runs it ---------------------------------------------------
@@ -373,10 +384,9 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
     from the definition: the sampler's permutation by hand, all values pooled at once."""
     from lightning.pytorch.callbacks import Callback
 
-    from normlab.callbacks import PreciseBN
-
     torch.manual_seed(0)
-    datamodule, model = tiny_data(seed=5), tiny_model({"name": "batchnorm"})
+    norm = {"name": "batchnorm", "precise_bn_batches": 2}
+    datamodule, model = tiny_data(seed=5), tiny_model(norm)
 
     def expected_stats(pl_module, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = datamodule.splits["train"]
@@ -392,8 +402,10 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
     class Probe(Callback):
         seen: dict[int, tuple] = {}
 
-        def on_validation_start(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking:
+        # at the first validation batch: after every on_validation_start, the lifecycle's too
+        # (the model's callbacks come after the Trainer's, as in train.py)
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, idx=0) -> None:
+            if trainer.sanity_checking or batch_idx:
                 return
             layer = pl_module.net.features[1]
             self.seen[trainer.current_epoch] = (
@@ -404,7 +416,7 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
             )
 
     probe = Probe()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[PreciseBN(2), probe])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
     trainer.fit(model, datamodule=datamodule)
     mean, var, (want_mean, want_var), (epoch0_mean, _) = probe.seen[1]
     assert torch.allclose(mean, want_mean, atol=1e-5) and torch.allclose(var, want_var, atol=1e-5)
@@ -412,7 +424,7 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
 
 
 def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> None:
-    from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+    from normlab.callbacks import NormLifecycle
     from normlab.models import NormLabModule
     from normlab.norm import frozen_layer_names
     from tests.test_norm import fake_checkpoint
@@ -430,7 +442,7 @@ def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> Non
 
     frozen = NormLabModule(10, 1, {"name": "frozen"}, net={"widths": [4, 6]})
     assert frozen.net.features[0].bias is None
-    message = FrozenBNCalibration(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
+    message = NormLifecycle(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
     assert "conv biases folded into running_mean: ['net.features.0.bias'" in message
 
     x = torch.randn(16, 1, 8, 8)

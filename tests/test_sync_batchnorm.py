@@ -59,7 +59,7 @@ def test_trainer_sync_batchnorm_uses_it(tmp_path: Path) -> None:
     from tests.test_configs import compose_train
 
     _, cfg = compose_train(["trainer=cpu", "trainer.sync_batchnorm=true"], tmp_path)
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg)
     layer_sync = trainer._accelerator_connector._layer_sync
     assert isinstance(layer_sync, SyncBatchNormKeepingActivations)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,6 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.callbacks import norm_callbacks
-from normlab.callbacks.reliability import reliability_callbacks
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
@@ -112,7 +110,12 @@ def build_model(
         )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the callbacks of ``cfg.callbacks`` (then
+    ``extra_callbacks``; the model adds its own, ``configure_callbacks``), the loggers of
+    ``cfg.logger`` and checkpoints written atomically. train.py, eval.py and scripts/bench.py
+    build theirs here."""
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
@@ -161,9 +164,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.norm, datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
-    callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
-    callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg)  # the model brings its own callbacks (configure_callbacks)
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))
     prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
 
@@ -223,7 +224,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
 
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
     metrics = final_metrics(trainer)
     if trainer.is_global_zero:

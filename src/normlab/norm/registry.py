@@ -1,7 +1,7 @@
 """The only list of norms, as constructors: ``make_norm_factory(cfg)(channels)`` builds a layer
 for a model that takes a ``norm_layer`` factory, and ``convert_norm(model, cfg)`` turns every
-BatchNorm of any ``nn.Module`` into the configured norm, in place, keeping module names (so
-state_dict keys) and each layer's own settings unless the config sets them."""
+normalization layer of any ``nn.Module`` into the configured norm, in place, keeping module
+names (so state_dict keys) and each layer's own settings unless the config sets them."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any
 from torch import nn
 
 from normlab.errors import NormConfigError
+from normlab.norm.batchnorm_variants import BatchRenorm2d, GhostBatchNorm2d
 from normlab.norm.layers import FrozenBatchNorm2d
 from normlab.norm.schema import CUMULATIVE, NORMS, divisors_hint, validate_norm_config
+from normlab.norm.spec import FRESH, SPEC
+from normlab.norm.weight_standardization import standardize_convs
 
 log = logging.getLogger("normlab")
-
-# PyTorch's defaults: what an unset (null) key means for a freshly built layer
-FRESH: dict[str, Any] = {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
 
 
 def _momentum(value: Any) -> float | None:
@@ -28,6 +28,12 @@ def _momentum(value: Any) -> float | None:
 
 def _group_norm(groups: int, channels: int, eps: float, affine: bool) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps, affine)
+
+
+def _layer_norm_2d(channels: int, eps: float, affine: bool) -> nn.Module:
+    from timm.layers import LayerNorm2d  # timm's own class, so timm models and ours look alike
+
+    return LayerNorm2d(channels, eps, affine)
 
 
 # name -> constructor(channels, settings): the registry; a setting is never None here
@@ -40,18 +46,40 @@ CONSTRUCTORS: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {
         c, s["eps"], bool(s.get("freeze_affine")), s["affine"], _momentum(s["momentum"])
     ),
     "groupnorm": lambda c, s: _group_norm(s["num_groups"], c, s["eps"], s["affine"]),
-    # LayerNorm over (C, H, W) of each sample, with per-channel (not per-element) gamma/beta
+    # LayerNorm over (C, H, W) of each sample, with per-channel (not per-element) gamma/beta;
+    # groupnorm1 says what it computes, layernorm is its older name (kept: docs and checkpoints)
     "layernorm": lambda c, s: _group_norm(1, c, s["eps"], s["affine"]),
+    "groupnorm1": lambda c, s: _group_norm(1, c, s["eps"], s["affine"]),
+    # ConvNeXt's LayerNorm: over C at each position (channels only)
+    "layernorm2d": lambda c, s: _layer_norm_2d(c, s["eps"], s["affine"]),
+    "instancenorm": lambda c, s: nn.InstanceNorm2d(c, s["eps"], affine=s["affine"]),
+    "batchrenorm": lambda c, s: BatchRenorm2d(
+        c,
+        s["eps"],
+        _momentum(s["momentum"]),
+        s["affine"],
+        s["r_max"],
+        s["d_max"],
+        s["renorm_warmup_steps"],
+    ),
+    "ghostbatchnorm": lambda c, s: GhostBatchNorm2d(
+        c, s["eps"], _momentum(s["momentum"]), s["affine"], s["virtual_batch_size"]
+    ),
+    # GroupNorm here; convert_norm also weight-standardizes the convolutions feeding the norms
+    "gn_ws": lambda c, s: _group_norm(s["num_groups"], c, s["eps"], s["affine"]),
 }
+# model-wide steps a norm takes after its layers are in place (see convert_norm)
+AFTER_CONVERSION: dict[str, Callable[[nn.Module], object]] = {"gn_ws": standardize_convs}
 assert tuple(CONSTRUCTORS) == NORMS
 
 
 def _settings(cfg: Mapping[str, Any], layer: nn.Module | None = None) -> dict[str, Any]:
-    """Each setting from ``cfg`` when set, else from ``layer`` (converting), else PyTorch's."""
+    """Each setting from ``cfg`` when set, else from ``layer`` (converting), else PyTorch's;
+    a norm's own keys the config lacks (a config built in Python) take the spec's default."""
     from normlab.norm.convert import settings_of
 
     own = settings_of(layer) if layer is not None else {}
-    out = dict(cfg)
+    out = {k: SPEC[k].default for k in SPEC if cfg["name"] in SPEC[k].norms} | dict(cfg)
     for key, fresh in FRESH.items():
         if cfg.get(key) is None:
             value = own.get(key, fresh)
@@ -69,9 +97,12 @@ def make_norm_factory(cfg: Mapping[str, Any]) -> Callable[[int], nn.Module]:
     PyTorch's defaults. The factory is a picklable ``functools.partial``.
 
     ``none`` -> ``nn.Identity``; ``batchnorm`` -> ``nn.BatchNorm2d``; ``frozen`` ->
-    ``FrozenBatchNorm2d``; ``groupnorm`` -> ``nn.GroupNorm(num_groups, C)``; ``layernorm`` ->
-    ``nn.GroupNorm(1, C)``, i.e. LayerNorm over (C, H, W) of each sample with per-channel
-    gamma/beta.
+    ``FrozenBatchNorm2d``; ``groupnorm`` -> ``nn.GroupNorm(num_groups, C)``; ``groupnorm1`` and
+    its older name ``layernorm`` -> ``nn.GroupNorm(1, C)``, i.e. LayerNorm over (C, H, W) of each
+    sample with per-channel gamma/beta; ``layernorm2d`` -> timm's ``LayerNorm2d`` (over C only);
+    ``instancenorm`` -> ``nn.InstanceNorm2d``; ``batchrenorm`` -> ``BatchRenorm2d``;
+    ``ghostbatchnorm`` -> ``GhostBatchNorm2d``; ``gn_ws`` -> ``nn.GroupNorm`` (the convolutions
+    are standardized by :func:`convert_norm`, which ``NormLabModule`` always runs).
     """
     validate_norm_config(cfg, check_files=False)
     return functools.partial(_build_norm, cfg["name"], _settings(cfg))
@@ -86,7 +117,7 @@ def norm_has_bias(cfg: Mapping[str, Any]) -> bool:
     name = cfg.get("name")
     if name == "frozen":
         return True
-    return name in ("batchnorm", "groupnorm", "layernorm") and cfg.get("affine") is not False
+    return name != "none" and cfg.get("affine") is not False
 
 
 def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
@@ -102,7 +133,8 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
     statistics are carried where both layers have them; gamma/beta too, or always with
     ``norm.keep_affine=true`` (never with ``false``). A layer that already is the configured
     norm stays as it is. ``none`` folds each BatchNorm into the conv feeding it unless
-    ``norm.fold=false`` (``normlab.norm.fold``), then removes it.
+    ``norm.fold=false`` (``normlab.norm.fold``), then removes it. ``gn_ws`` then
+    weight-standardizes every plain ``nn.Conv2d`` feeding a norm layer (``standardize_convs``).
 
     Raises:
         NormConfigError: a bad config, a ``num_groups`` that does not divide a layer's channels
@@ -149,6 +181,8 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
         inherited = [k for k in inherited if k in entry.settings]
         n_folded = sum(layer in folded for layer in entry.layers)
         log.info("norm=%s: %s", name, entry.describe(inherited, n_folded))
+    if name in AFTER_CONVERSION:
+        AFTER_CONVERSION[name](model)
     return model
 
 
@@ -168,7 +202,19 @@ def _check_fits(name: str, cfg: Mapping[str, Any], found: list[tuple[str, nn.Mod
                 " track_running_stats=False); train with norm=batchnorm first, then norm=frozen"
                 " norm.init_from=<its checkpoint>, or use norm=groupnorm",
             )
-    if name == "groupnorm":
+    if name == "instancenorm":
+        # a BatchNorm1d normalizes (N, C) features: one value per channel and sample, of which an
+        # instance norm cannot take statistics (torch raises on the first training batch)
+        flat = [n for n, m in found if isinstance(m, nn.BatchNorm1d)]
+        if flat:
+            raise NormConfigError(
+                "norm",
+                "instancenorm",
+                f"layer {flat[0]} (BatchNorm1d, {len(flat)} layer(s) like it) normalizes flat"
+                " features, one value per channel and sample, which instance statistics cannot"
+                " normalize; use norm=groupnorm1 (per sample over the channels) or norm=batchnorm",
+            )
+    if name in ("groupnorm", "gn_ws"):
         bad = [(n, channels(m)) for n, m in found if channels(m) % cfg["num_groups"]]
         if bad:
             counts = sorted({channels(m) for _, m in found})
