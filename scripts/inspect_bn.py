@@ -56,6 +56,12 @@ def norm_layers(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
             f"the checkpoint holds no NormLabModule hyperparameters (its model is {target});"
             " inspect_bn rebuilds normlab's models only (train.py's model._target_)"
         )
+    net = str((hparams.get("net") or {}).get("_target_", "normlab.models"))
+    if not net.startswith("normlab."):  # a file never makes normlab call what it names
+        raise CheckpointError(
+            f"the checkpoint's model.net._target_ is {net}; inspect_bn rebuilds normlab's own"
+            " nets only (the ConvNet, model=torchvision, model=timm)"
+        )
     hparams["weights"] = None  # the checkpoint's own weights replace them below
     model = NormLabModule(**hparams)
     model.on_load_checkpoint(dict(checkpoint))  # layers frozen during training

@@ -412,3 +412,13 @@ def test_inspect_bn_shows_fused_activations_and_late_frozen_layers(tmp_path, cap
     assert status == 0, err
     assert "net.bn1: BatchNormAct2d(\n  32, eps=1e-05" in out and "(act): SiLU(" in out
     assert "net.bn2: FrozenBatchNorm2d(\n  1280, eps=1e-05" in out  # frozen late
+
+
+def test_inspect_bn_calls_no_net_a_checkpoint_names(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path, "convnet", norm={"name": "batchnorm"}, net={"widths": [8, 16]})
+    payload = torch.load(ckpt, weights_only=True)
+    payload["hyper_parameters"]["net"] = {"_target_": "os.system", "command": "touch pwned"}
+    torch.save(payload, ckpt)
+    status, out, err = script_main("inspect_bn.py", ckpt, capsys=capsys)
+    assert status == 2 and "model.net._target_ is os.system" in err
+    assert not (tmp_path / "pwned").exists() and not list(ROOT.glob("pwned"))

@@ -13,15 +13,14 @@ import torch
 from torch import nn
 
 from normlab.errors import NormConfigError
-from normlab.norm import FrozenBatchNorm2d, convert_norm
+from normlab.norm import FrozenBatchNorm2d, convert_norm, make_norm_factory
 from normlab.norm.registry import CONSTRUCTORS
-from normlab.norm.spec import FRESH, defaults
+from normlab.norm.spec import defaults
 
 timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d, GroupNormAct, LayerNorm2d, LayerNormAct2d  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "normalization.md"
-CONFIG = {"num_groups": 8}
 
 
 class ChannelsLastBlock(nn.Module):
@@ -128,13 +127,14 @@ def test_each_documented_conversion(row: str, norm: str, cell: str) -> None:
     with torch.no_grad():
         before = model(x)
     layer = dict(model.named_modules()).get(name) if name else None
+    cfg = defaults(norm)  # configs/norm/<norm>.yaml, as train.py passes it
     if cell == "refused":
         with pytest.raises(NormConfigError) as info:
-            convert_norm(model, {"name": norm, **CONFIG})
+            convert_norm(model, cfg)
         text = str(info.value)
         assert (type(model).__name__ if not name else f"layer {name}") in text
         return
-    model = convert_norm(model, {"name": norm, **CONFIG})
+    model = convert_norm(model, cfg)
     new = dict(model.named_modules()).get(name) if name else None
     with torch.no_grad():
         after = model(x)
@@ -149,7 +149,7 @@ def test_each_documented_conversion(row: str, norm: str, cell: str) -> None:
     kept_act = [c for c in ("act", "drop") if hasattr(layer, c) and c in dict(new.named_children())]
     assert kept_act == [c for c in ("act", "drop") if hasattr(layer, c)]  # fused act survives
     if cell == "converted":
-        expected = CONSTRUCTORS[norm](16, {**defaults(norm), **FRESH, **CONFIG})
+        expected = make_norm_factory(cfg)(16)
         assert isinstance(new, type(expected))
         assert not any(hasattr(new, k) and getattr(new, k) is None for k in ("weight", "bias"))
     elif cell in ("folded", "dropped"):

@@ -69,7 +69,7 @@ class NormLabModule(L.LightningModule):
 
     The net is built from ``net`` (it receives ``num_classes``, ``in_channels``, ``norm_layer``
     and ``conv_bias`` when its signature names them), ``weights`` are loaded into it, then every
-    BatchNorm is converted to ``norm`` (``normlab.norm.convert_norm``). Defaults are those of
+    norm layer is converted to ``norm`` (``normlab.norm.convert_norm``). Defaults are those of
     ``normlab.models.defaults``, the same as the command line's ``model=cnn``.
 
     Args:

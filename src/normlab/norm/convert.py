@@ -36,8 +36,8 @@ NCHW, ANY_RANK, LAST = "nchw", "any rank", "channels last"
 _ANY_RANK_TYPES = (nn.BatchNorm1d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d)
 _ANY_RANK_TYPES += (nn.InstanceNorm3d,)
 # classes that compute plain BatchNorm (+ activation): one another's equals for a conversion
-_BATCHNORMS = {f"BatchNorm{d}d" for d in (1, 2, 3)} | {"SyncBatchNorm", "_BatchNormXd"}
-_BATCHNORMS |= {"BatchNormAct2d", "SyncBatchNormAct"}
+BATCHNORMS = {f"BatchNorm{d}d" for d in (1, 2, 3)} | {"SyncBatchNorm", "_BatchNormXd"}
+BATCHNORMS |= {"BatchNormAct2d", "SyncBatchNormAct"}
 
 
 def source_kind(m: nn.Module) -> tuple[str, str] | None:
@@ -58,7 +58,7 @@ def source_kind(m: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def _plain_name(m: nn.Module) -> str:
+def plain_name(m: nn.Module) -> str:
     """The class a user wrote, without normlab's mixin variants."""
     for cls in type(m).__mro__:
         if cls.__module__ != variant.__module__:
@@ -69,7 +69,7 @@ def _plain_name(m: nn.Module) -> str:
 def _math(m: nn.Module) -> tuple[str, str]:
     """What a layer computes, for 'is it the target already': the kind and its settings, with
     norm+activation and rank variants counted as their norm."""
-    name = "BatchNorm" if _plain_name(m) in _BATCHNORMS else _plain_name(m)
+    name = "BatchNorm" if plain_name(m) in BATCHNORMS else plain_name(m)
     if is_frozen_batchnorm(m) and not isinstance(m, FrozenBatchNorm2d):
         name = "foreign " + name  # torchvision's/timm's: always replaced by normlab's
     return name, m.extra_repr()
@@ -88,7 +88,7 @@ def carry(old: nn.Module, new: nn.Module, keep_affine: bool | None) -> list[str]
     fits = {k for k in theirs if k in mine and mine[k].shape == theirs[k].shape}
     stats = {"running_mean", "running_var"} <= fits
     if keep_affine is None:
-        keep_affine = stats or _plain_name(old) == _plain_name(new)
+        keep_affine = stats or plain_name(old) == plain_name(new)
     take = {k for k in fits if k.startswith("running_") or k == "num_batches_tracked"}
     take |= {k for k in fits if k in ("weight", "bias") and keep_affine}
     if take:
@@ -148,7 +148,7 @@ def replace_norm_layers(
         if kind is None or not select(name, m):
             return None
         new = build(name, m)
-        key = (_plain_name(m), _plain_name(new))
+        key = (plain_name(m), plain_name(new))
         entry = report.setdefault(key, Conversion(*key))
         entry.layers.append(name)
         own = {k for k in ("eps", "momentum") if getattr(new, k, None) is not None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
-from normlab.norm.convert import _BATCHNORMS, _plain_name
+from normlab.norm.convert import BATCHNORMS, plain_name
 from normlab.norm.layers import replace_modules
 from normlab.norm.variants import keep_children
 
@@ -37,7 +37,7 @@ class SyncBatchNormKeepingActivations(TorchSyncBatchNorm):
 
     def apply(self, model: nn.Module) -> nn.Module:
         def swap(name: str, m: nn.Module) -> nn.Module | None:
-            if _plain_name(m) not in _BATCHNORMS or isinstance(m, nn.SyncBatchNorm):
+            if plain_name(m) not in BATCHNORMS or isinstance(m, nn.SyncBatchNorm):
                 return None
             sync = nn.SyncBatchNorm(
                 m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
