@@ -96,13 +96,13 @@ def validate_norm_config(
 def _check_keys_taken(cfg: Mapping[str, Any], name: str) -> None:
     """A key set (not null) that norm ``name`` does not use would be silently ignored."""
     taken = NORM_KEYS.get(name, ())
-    for key, value in cfg.items():
-        if key == "name" or key in taken or value is None:
+    for key, given in cfg.items():
+        if key == "name" or key in taken or given is None:
             continue
         others = [n for n, keys in NORM_KEYS.items() if key in keys]
         allowed = f"norm={name} does not use it (it takes {', '.join(taken) or 'no keys'});"
         allowed += f" drop it, or choose a norm that does ({', '.join(others) or 'none does'})"
-        _check(False, key, value, allowed)
+        _check(False, key, given, allowed)
 
 
 def _check_freeze_at(epoch: Any, max_epochs: int | None) -> None:
