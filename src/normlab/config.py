@@ -14,6 +14,7 @@ from typing import Any
 
 from normlab.errors import ConfigError
 from normlab.models.defaults import ACTIVATIONS, MODULE_TARGET
+from normlab.norm.spec import BATCH_STATS
 
 DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
@@ -368,7 +369,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
-        cfg["norm"].get("name") == "batchnorm"
+        cfg["norm"].get("name") in BATCH_STATS
         and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):

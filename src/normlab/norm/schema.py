@@ -61,7 +61,7 @@ def validate_norm_config(
     get = cfg.get
     if name == "frozen" and get("init_from") is None:
         _require("calibration_batches", value(cfg, "calibration_batches"))
-    if name == "groupnorm":
+    if name in ("groupnorm", "gn_ws"):
         groups = get("num_groups")
         _require("num_groups", groups)
         bad = [c for c in channels if c % groups]

@@ -23,11 +23,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-NORMS: tuple[str, ...] = ("none", "batchnorm", "frozen", "groupnorm", "layernorm")
+NORMS: tuple[str, ...] = (
+    "none",
+    "batchnorm",
+    "frozen",
+    "groupnorm",
+    "layernorm",
+    "groupnorm1",
+    "layernorm2d",
+    "instancenorm",
+    "batchrenorm",
+    "ghostbatchnorm",
+    "gn_ws",
+)
 # norm.momentum's spelling of PyTorch's momentum=None (a cumulative average): null means unset
 CUMULATIVE = "cumulative"
 # the norms that share BatchNorm's settings (the converted layers keep them)
-_SCALED = ("batchnorm", "frozen", "groupnorm", "layernorm")
+_SCALED = NORMS[1:]
+# the norms that normalize with the batch's statistics in training mode and keep BatchNorm's
+# running statistics (a batch of one sample cannot be normalized; no SyncBatchNorm for the variants)
+BATCH_STATS: tuple[str, ...] = ("batchnorm", "batchrenorm", "ghostbatchnorm")
+_AFFINE = tuple(n for n in NORMS if n not in ("none", "frozen"))
 
 
 def is_int(value: Any) -> bool:
@@ -76,7 +92,7 @@ KEYS: tuple[NormKey, ...] = (
     NormKey(
         "momentum",
         None,
-        ("batchnorm",),
+        BATCH_STATS,
         lambda v: v == CUMULATIVE or (is_real(v) and 0 <= v <= 1),
         f"expected a number in [0, 1], {CUMULATIVE!r} for a cumulative average, {_KEEP}",
         fresh=0.1,
@@ -92,7 +108,7 @@ KEYS: tuple[NormKey, ...] = (
     NormKey(
         "affine",
         None,
-        ("batchnorm", "groupnorm", "layernorm"),
+        _AFFINE,
         _bool,
         "expected true or false",
         fresh=True,
@@ -109,7 +125,7 @@ KEYS: tuple[NormKey, ...] = (
     NormKey(
         "num_groups",
         8,
-        ("groupnorm",),
+        ("groupnorm", "gn_ws"),
         lambda v: is_int(v) and v >= 1,
         "expected an integer >= 1 (GroupNorm needs it; configs/norm/groupnorm.yaml has 8)",
     ),
@@ -154,6 +170,52 @@ KEYS: tuple[NormKey, ...] = (
         resume_may_change=True,
     ),
     NormKey("freeze_affine", False, ("frozen",), _bool, "expected true or false"),
+    # converting a model's norm layers: carry gamma/beta into the new layers (null: when the
+    # running statistics come along too, or the layer computes the same; true: whenever the
+    # shapes allow; false: never)
+    NormKey(
+        "keep_affine",
+        None,
+        _SCALED,
+        _bool,
+        "expected true or false, or null (carry gamma/beta when the statistics come along)",
+        hparam=False,
+    ),
+    # norm=none: fold each BatchNorm's eval-mode transform into the conv that alone feeds it
+    NormKey("fold", True, ("none",), _bool, "expected true or false", hparam=False),
+    # Batch Renormalization's limits and their linear warm-up from BatchNorm (r_max 1, d_max 0)
+    NormKey(
+        "r_max",
+        3.0,
+        ("batchrenorm",),
+        lambda v: is_real(v) and math.isfinite(v) and v >= 1,
+        "expected a number >= 1 (1 with d_max=0 is BatchNorm; the paper ends at 3)",
+        hparam=False,
+    ),
+    NormKey(
+        "d_max",
+        5.0,
+        ("batchrenorm",),
+        lambda v: is_real(v) and math.isfinite(v) and v >= 0,
+        "expected a number >= 0 (0 with r_max=1 is BatchNorm; the paper ends at 5)",
+        hparam=False,
+    ),
+    NormKey(
+        "renorm_warmup_steps",
+        5000,
+        ("batchrenorm",),
+        lambda v: is_int(v) and v >= 0,
+        "expected an integer >= 0 (training steps to reach r_max/d_max; 0: from the start)",
+        hparam=False,
+    ),
+    NormKey(
+        "virtual_batch_size",
+        32,
+        ("ghostbatchnorm",),
+        lambda v: is_int(v) and v >= 1,
+        "expected an integer >= 1 (samples per ghost batch; data.batch_size or more is BatchNorm)",
+        hparam=False,
+    ),
 )
 SPEC: dict[str, NormKey] = {key.name: key for key in KEYS}
 assert all(set(key.norms) <= set(NORMS) for key in KEYS)
