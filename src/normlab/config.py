@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.models.defaults import ACTIVATIONS, MODULE_TARGET
 from normlab.norm.spec import BATCH_STATS
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
-MODULE_TARGET = "normlab.models.NormLabModule"
 DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)

@@ -18,11 +18,13 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
+from normlab.norm.sync import SyncBatchNormKeepingActivations
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
@@ -124,6 +126,8 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> L.Tra
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            plugins.append(SyncBatchNormKeepingActivations())  # Lightning's drops timm's act
         return instantiate(
             trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             _convert_="all",
@@ -191,6 +195,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             "task_name": cfg.task_name,
             "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
+            "steps": trainer.global_step,  # optimizer steps (the benchmark compares them)
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
         write_results(run_dir, metrics, checkpoints, extra=extra)

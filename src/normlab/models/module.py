@@ -27,13 +27,12 @@ from normlab.models.adapters import (
     input_channels_of,
     load_weights,
 )
-from normlab.models.defaults import default
+from normlab.models.defaults import MODULE_TARGET, default
 from normlab.norm.layers import FrozenBatchNorm2d, param_groups
 from normlab.norm.registry import convert_norm
 from normlab.utils.checkpoints import CHECKPOINT_KEY
 
 log = logging.getLogger("normlab")
-TARGET = "normlab.models.NormLabModule"
 # hyperparameters that are not model.* keys of a run config (the data's counts, the norm group)
 NOT_MODEL_KEYS = ("num_classes", "in_channels", "norm")
 DEFAULT = "default"  # scheduler's default: the CLI's (None means a constant learning rate)
@@ -307,7 +306,7 @@ class NormLabModule(L.LightningModule):
         model = {k: v for k, v in self.hparams.items() if k not in NOT_MODEL_KEYS}
         kind = type(self)
         model["_target_"] = (
-            TARGET if kind is NormLabModule else f"{kind.__module__}.{kind.__qualname__}"
+            MODULE_TARGET if kind is NormLabModule else f"{kind.__module__}.{kind.__qualname__}"
         )
         dm = self._trainer.datamodule if self._trainer is not None else None
         data = None
