@@ -213,6 +213,21 @@ def test_validate_init_from_must_be_a_checkpoint_with_statistics(tmp_path: Path)
     assert isinstance(make_norm_factory({"name": "frozen", "init_from": str(text)})(4), nn.Module)
 
 
+def test_init_from_is_read_once_while_the_file_is_unchanged(tmp_path: Path) -> None:
+    """The config check and the fit start both ask for norm.init_from's statistics: one read."""
+    import os
+
+    from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
+    path = fake_checkpoint(tmp_path / "bn.ckpt", {"net.1.running_mean": torch.zeros(2)})
+    first = init_from_state_dict(str(path))
+    assert init_from_state_dict(str(path)) is first
+    fake_checkpoint(path, {"net.1.running_mean": torch.ones(3)})  # rewritten: read again
+    os.utime(path, ns=(1, 1))
+    again = init_from_state_dict(str(path))
+    assert again is not first and again["net.1.running_mean"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     ckpt = fake_checkpoint(tmp_path / "bn.ckpt", {"net.1.running_mean": torch.zeros(2)})
     good = [

@@ -312,12 +312,20 @@ def init_from_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """The ``state_dict`` of the normlab checkpoint ``norm.init_from`` names, checked to hold
     BatchNorm running statistics (it was trained with ``norm=batchnorm`` or ``norm=frozen``).
 
+    The config check and the fit start both ask; the file is read once while it is unchanged
+    (same size and modification time).
+
     Raises:
         CheckpointError: the file is not a normlab checkpoint, or has no running statistics.
     """
     from normlab.utils.checkpoints import CHECKPOINT_KEY, load_checkpoint
 
-    checkpoint = load_checkpoint(Path(path).expanduser(), key="norm.init_from")
+    file = Path(path).expanduser()
+    stat = file.stat() if file.is_file() else None
+    key = (str(file.resolve()), stat.st_mtime_ns, stat.st_size) if stat else None
+    if key is not None and key == _LAST_INIT_FROM[0]:
+        return _LAST_INIT_FROM[1]
+    checkpoint = load_checkpoint(file, key="norm.init_from")
     state = checkpoint.get("state_dict") or {}
     if not any(k.endswith(".running_mean") for k in state):
         trained = ((checkpoint[CHECKPOINT_KEY].get("config") or {}).get("norm") or {}).get("name")
@@ -326,4 +334,8 @@ def init_from_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             f" norm={trained}); give a checkpoint of a norm=batchnorm or norm=frozen run"
             " with the same model, or leave norm.init_from=null to estimate them."
         )
+    _LAST_INIT_FROM[:] = [key, state]
     return state
+
+
+_LAST_INIT_FROM: list[Any] = [None, None]  # (path, mtime, size) and the state it held

@@ -29,10 +29,12 @@ log = logging.getLogger("normlab")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def feeding_convs(model: nn.Module, norms: Collection[str]) -> dict[str, str]:
+def feeding_convs(
+    model: nn.Module, norms: Collection[str], purpose: str = "norm.fold: nothing folded"
+) -> dict[str, str]:
     """``{norm layer name: conv name}`` for each of the layers ``norms`` (names from
     ``named_modules()``) fed by a conv alone, by the rule in this module's docstring. Empty when
-    torch.fx cannot trace ``model`` (logged)."""
+    torch.fx cannot trace ``model`` (logged, ending with ``purpose``: what is not done)."""
     import torch.fx
 
     wanted = set(norms)
@@ -45,8 +47,8 @@ def feeding_convs(model: nn.Module, norms: Collection[str]) -> dict[str, str]:
         graph = Tracer().trace(model)
     except Exception as err:  # any Python the tracer cannot follow: fold nothing, say why
         reason = str(err).splitlines()[0][:160] if str(err) else ""
-        log.warning("norm.fold: torch.fx cannot trace %s (%s: %s); nothing folded",
-                    type(model).__name__, type(err).__name__, reason)  # fmt: skip
+        log.warning("torch.fx cannot trace %s (%s: %s); %s",
+                    type(model).__name__, type(err).__name__, reason, purpose)  # fmt: skip
         return {}
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
