@@ -19,6 +19,7 @@ from normlab.norm import (
     validate_norm_config,
 )
 from normlab.norm.batchnorm_variants import BatchRenorm2d, GhostBatchNorm2d
+from normlab.norm.schema import NORM_KEYS
 from normlab.norm.weight_standardization import WSConv2d, standardize_convs
 
 D = torch.float64
@@ -252,12 +253,13 @@ NEW = ["batchrenorm", "ghostbatchnorm", "instancenorm", "layernorm2d", "groupnor
 def test_each_new_norm_builds_the_convnet_and_round_trips_its_state_dict(name: str) -> None:
     from normlab.models import NormLabModule
 
-    model = NormLabModule(10, 1, {"name": name, "num_groups": 4})
+    norm = {"name": name, **({"num_groups": 4} if "num_groups" in NORM_KEYS[name] else {})}
+    model = NormLabModule(10, 1, norm)
     x = torch.randn(16, 1, 8, 8)
     model.train()
     model.net(x).sum().backward()  # a training step's forward updates running statistics
     state = model.state_dict()
-    again = NormLabModule(10, 1, {"name": name, "num_groups": 4})
+    again = NormLabModule(10, 1, norm)
     again.load_state_dict(state, strict=True)
     torch.testing.assert_close(again.eval().net(x), model.eval().net(x), rtol=0, atol=0)
     norm_kind = {"batchrenorm": BatchRenorm2d, "ghostbatchnorm": GhostBatchNorm2d}
