@@ -113,8 +113,14 @@ def test_a_users_model_and_data_from_their_own_config_dir(tmp_path: Path) -> Non
     )
     assert train.returncode == 0, train.output[-3000:]
     ckpt = train.results["checkpoints"]["last"]
+    # a checkpoint names my_project's classes: eval.py builds them once the user names them
     evaluated = run_script(
-        "eval.py", "trainer=cpu", f"ckpt_path={ckpt}", run_dir=tmp_path / "eval", env=env
+        "eval.py",
+        "trainer=cpu",
+        f"ckpt_path={ckpt}",
+        "trusted_targets=[my_project]",
+        run_dir=tmp_path / "eval",
+        env=env,
     )
     assert evaluated.returncode == 0, evaluated.output[-3000:]
     test_acc = train.results["metrics"]["test/acc"]

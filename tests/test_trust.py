@@ -1,0 +1,143 @@
+"""Files someone hands you: what a checkpoint (and a config) can make normlab import, call and
+write. Each row of docs/troubleshooting.md's table "What a file you are given can make normlab
+do" is asserted here: in-process where the gate itself decides, through eval.py/train.py for the
+issue's reproductions (a crafted checkpoint must run nothing and write nothing)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from normlab.errors import CheckpointError, ConfigError
+from normlab.utils.targets import check_targets, trusted_targets
+from tests.conftest import ROOT
+
+EXAMPLES = str(ROOT / "examples")
+CKPT = "ckpt_path=/x/evil.ckpt"
+
+
+# -- the gate, in-process ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "cfg", "where"),
+    [
+        ("model", {"net": {"_target_": "os.system", "command": "true"}}, "model.net._target_"),
+        ("data", {"_target_": "torch.load", "f": "x.pkl", "weights_only": False}, "data._target_"),
+        ("data", {"_target_": "torch.save", "obj": "x", "f": "victim.txt"}, "data._target_"),
+        ("model", {"_target_": "builtins.exec", "_args_": ["print(1)"]}, "model._target_"),
+        # nested: in _args_, in a list, under _partial_
+        (
+            "data",
+            {
+                "_target_": "normlab.data.NormLabDataModule",
+                "_args_": [{"_target_": "subprocess.Popen", "args": ["true"]}],
+            },
+            "data._args_[0]._target_",
+        ),
+        (
+            "model",
+            {"optimizer": {"_target_": "os.remove", "_partial_": True, "path": "x"}},
+            "model.optimizer._target_",
+        ),
+        (
+            "model",
+            {"net": {"_target_": "normlab.models.ConvNet", "kw": [{"_target_": "os.system"}]}},
+            "model.net.kw[0]._target_",
+        ),
+    ],
+)
+def test_a_checkpoints_targets_outside_the_allowlist_are_refused_by_name(
+    key: str, cfg: dict, where: str
+) -> None:
+    with pytest.raises(CheckpointError) as info:
+        check_targets(cfg, key, checkpoint=CKPT)
+    message = str(info.value)
+    target = message.split(f"{where}=")[1].split("'")[1]
+    assert message.startswith(f"{CKPT}: its saved config sets {where}='{target}', which is not")
+    assert f"trusted_targets=[{target.split('.')[0]}]" in message
+
+
+def test_a_checkpoints_unknown_module_is_not_imported(tmp_path: Path, monkeypatch) -> None:
+    """Refused before import: a module's top-level code would run on import."""
+    (tmp_path / "evil_on_import.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').write('ran')\nclass Net: pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(CheckpointError, match="evil_on_import.Net"):
+        check_targets({"net": {"_target_": "evil_on_import.Net"}}, "model", checkpoint=CKPT)
+    assert not (tmp_path / "imported").exists() and "evil_on_import" not in sys.modules
+
+
+def test_normlabs_own_builders_and_torch_optimizers_pass_from_a_checkpoint() -> None:
+    model = {
+        "_target_": "normlab.models.NormLabModule",
+        "net": {"_target_": "normlab.models.torchvision_net", "arch": "resnet18"},
+        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True},
+    }
+    check_targets(model, "model", checkpoint=CKPT)
+    check_targets({"_target_": "normlab.data.NormLabDataModule"}, "data", checkpoint=CKPT)
+    for net in ("normlab.models.ConvNet", "normlab.models.timm_net"):
+        check_targets({"net": {"_target_": net}}, "model", checkpoint=CKPT)
+    # torch.optim's module attributes that are not optimizer/scheduler classes do not pass
+    for other in ("torch.optim.lr_scheduler.warnings", "torch.optim.Optimizer.step"):
+        with pytest.raises(CheckpointError):
+            check_targets({"optimizer": {"_target_": other}}, "model", checkpoint=CKPT)
+
+
+def test_a_users_class_passes_from_a_checkpoint_when_the_user_names_it(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(EXAMPLES)
+    model = {"net": {"_target_": "my_project.models.SmallNet", "hidden": 4}}
+    data = {"_target_": "my_project.data.BlobsDataModule"}
+    with pytest.raises(CheckpointError, match=r"add trusted_targets=\[my_project\]"):
+        check_targets(model, "model", checkpoint=CKPT)
+    for trusted in (["my_project"], ["my_project.models"], ["my_project.models.SmallNet"]):
+        check_targets(model, "model", trusted, checkpoint=CKPT)
+    check_targets(data, "data", ["my_project"], checkpoint=CKPT)
+    # a prefix that is not a dotted parent does not cover it
+    with pytest.raises(CheckpointError):
+        check_targets(model, "model", ["my_proj"], checkpoint=CKPT)
+
+
+def test_a_trusted_package_still_builds_only_classes_of_the_right_kind(monkeypatch) -> None:
+    """Trusting ``torch`` (or ``os``) does not open ``torch.save``: a function must be named."""
+    for target, trusted in (("torch.save", "torch"), ("os.system", "os")):
+        with pytest.raises(ConfigError) as info:
+            check_targets({"net": {"_target_": target}}, "model", [trusted], checkpoint=CKPT)
+        assert str(info.value).startswith(f"model.net._target_='{target}' is not valid: it is a")
+        assert "not a subclass of torch.nn.modules.module.Module" in str(info.value)
+    monkeypatch.syspath_prepend(EXAMPLES)
+    # the user's DataModule is not a net, and a net is not a DataModule
+    with pytest.raises(ConfigError, match="LightningDataModule"):
+        check_targets({"_target_": "my_project.models.SmallNet"}, "data", ["my_project"])
+    with pytest.raises(ConfigError, match="class BlobsDataModule, not a subclass of torch.nn"):
+        check_targets({"net": {"_target_": "my_project.data.BlobsDataModule"}}, "model")
+
+
+def test_the_command_lines_net_passes_the_same_gate() -> None:
+    """From the user's own config: classes of the right kind; a function only when named."""
+    check_targets({"net": {"_target_": "torch.nn.Identity"}}, "model")
+    with pytest.raises(ConfigError, match=r"add trusted_targets=\[os.system\]"):
+        check_targets({"net": {"_target_": "os.system", "command": "true"}}, "model")
+    with pytest.raises(ConfigError, match="it is a class Popen, not a subclass"):
+        check_targets({"net": {"_target_": "subprocess.Popen"}}, "model")
+    check_targets({"net": {"_target_": "normlab.models.torchvision_net"}}, "model")  # builtin
+    check_targets({"net": {"_target_": "torch.nn.init.zeros_"}}, "model", ["torch.nn.init.zeros_"])
+
+
+def test_a_module_not_on_the_path_is_named_with_the_fix() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_targets({"net": {"_target_": "no_such_project.Net"}}, "model", ["no_such_project"])
+    assert str(info.value) == (
+        "model.net._target_='no_such_project.Net' is not valid: Python cannot import its package"
+        " 'no_such_project': put the directory that holds no_such_project/ on PYTHONPATH (e.g."
+        " PYTHONPATH=path/to/project python eval.py ...) or install it"
+    )
+
+
+def test_trusted_targets_must_be_dotted_names() -> None:
+    assert trusted_targets(None) == [] and trusted_targets(["a.b", "c"]) == ["a.b", "c"]
+    for bad in ("my_project", ["a b"], [1], ["os;rm"]):
+        with pytest.raises(ConfigError, match="trusted_targets="):
+            trusted_targets(bad)
