@@ -5,12 +5,17 @@ issue's reproductions (a crafted checkpoint must run nothing and write nothing).
 
 from __future__ import annotations
 
+import os
+import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from normlab.errors import CheckpointError, ConfigError
+from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.targets import check_targets, trusted_targets
 from tests.conftest import ROOT
 
@@ -141,3 +146,69 @@ def test_trusted_targets_must_be_dotted_names() -> None:
     for bad in ("my_project", ["a b"], [1], ["os;rm"]):
         with pytest.raises(ConfigError, match="trusted_targets="):
             trusted_targets(bad)
+
+
+# -- checkpoint files: checksums, pickled objects ---------------------------------------------
+def _flip_a_bit_in_the_largest_tensor(path: Path) -> str:
+    """Flip one bit in the middle of the largest tensor's bytes; returns the member's name."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size if "/data/" in i.filename else -1)
+    with path.open("r+b") as f:
+        f.seek(info.header_offset + 26)  # the local header's name and extra field lengths
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        offset = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x40]))
+    return info.filename
+
+
+def test_a_bit_flipped_in_a_tensor_is_refused_naming_file_and_member(tmp_path: Path) -> None:
+    path = tmp_path / "flipped.ckpt"
+    weights = torch.linspace(-1, 1, 4096)
+    torch.save({"normlab": {"config": {}}, "state_dict": {"net.w": weights}}, path)
+    member = _flip_a_bit_in_the_largest_tensor(path)
+    # torch.load itself reads the damaged file without a word: the numbers are just different
+    loaded = torch.load(path, weights_only=True)["state_dict"]["net.w"]
+    assert not torch.equal(loaded, weights)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(
+        f"ckpt_path={path} is damaged: its member {member} does not match the CRC-32 checksum"
+        " torch.save wrote for it"
+    )
+    assert "copy the file again" in str(info.value)
+
+
+class Pickled:
+    """A class a checkpoint may pickle: its instance would be rebuilt by calling code."""
+
+
+class RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize(
+    ("obj", "refused"),
+    [
+        (Pickled(), "Unsupported global: GLOBAL tests.test_trust.Pickled was not an allowed"),
+        (RunsACommand(), "Trying to load unsupported GLOBAL posix.system whose module posix"),
+    ],
+)
+def test_a_pickled_object_is_refused_naming_the_global(
+    obj: object, refused: str, tmp_path: Path
+) -> None:
+    """torch 2.14 words a blocked module's global without 'WeightsUnpickler error:'; both forms
+    name the global, and the advice not to build it stays."""
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"normlab": {"config": {}}, "hyper_parameters": obj}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert f"torch.load(weights_only=True) refuses it (UnpicklingError: {refused}" in message
+    assert "the file holds pickled Python objects, and building them could run code from it)" in (
+        message
+    )
+    assert "Re-running" not in message and "\n" not in message
