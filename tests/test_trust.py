@@ -10,11 +10,13 @@ import struct
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from normlab.errors import CheckpointError, ConfigError
+from normlab.utils.checkpoint_fit import check_classes, check_weights_fit
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.targets import check_targets, trusted_targets
 from tests.conftest import ROOT
@@ -212,3 +214,56 @@ def test_a_pickled_object_is_refused_naming_the_global(
         message
     )
     assert "Re-running" not in message and "\n" not in message
+
+
+# -- does the checkpoint fit this data and this model ----------------------------------------
+def _data(classes: list[str]) -> SimpleNamespace:
+    return SimpleNamespace(classes=classes, num_classes=len(classes))
+
+
+def test_data_with_other_class_names_or_number_is_refused_by_name(caplog) -> None:
+    ckpt = {"normlab": {"classes": ["cat", "dog", "fox"], "num_classes": 3}}
+    check_classes(ckpt, _data(["cat", "dog", "fox"]), CKPT, "data.data_dir=x")
+    with pytest.raises(CheckpointError) as info:
+        check_classes(ckpt, _data(["cat", "dog", "horse"]), CKPT, "data.data_dir=photos")
+    assert str(info.value) == (
+        f"{CKPT} was trained on the classes cat, dog, fox, and the data's classes are cat, dog,"
+        " horse (label: checkpoint vs data: 2: 'fox' vs 'horse'): its predictions would be scored"
+        " against other labels; give the data it was trained on (data.data_dir=photos holds other"
+        " classes)."
+    )
+    with pytest.raises(CheckpointError) as info:
+        check_classes(ckpt, _data(["cat", "dog"]), CKPT, "data.data_dir=photos")
+    assert str(info.value).startswith(
+        f"{CKPT} holds a model for 3 classes (cat, dog, fox), and the data has 2 (cat, dog): its"
+        " outputs cannot be scored against these labels"
+    )
+    # a checkpoint from before class names were saved: the number (from its hyperparameters)
+    old = {"normlab": {}, "hyper_parameters": {"num_classes": 3}}
+    with pytest.raises(CheckpointError, match="holds a model for 3 classes, and the data has 2"):
+        check_classes(old, _data(["cat", "dog"]), CKPT, "data.name=digits")
+    with caplog.at_level("INFO", logger="normlab"):
+        check_classes(old, _data(["a", "b", "c"]), CKPT, "data.name=digits")
+    assert "stores no class names" in caplog.text and "only the number of classes" in caplog.text
+
+
+def test_weights_that_do_not_fit_are_named_before_anything_runs() -> None:
+    from normlab.models import ConvNet as Net
+
+    def ConvNet(**kwargs):  # noqa: N802
+        return Net(**kwargs, blocks_per_stage=1, activation="relu", dropout=0.0)
+
+    saved = ConvNet(num_classes=10, in_channels=1, widths=[8, 16]).state_dict()
+    check_weights_fit(saved, ConvNet(num_classes=10, in_channels=1, widths=[8, 16]), CKPT, "fix")
+    with pytest.raises(CheckpointError) as info:
+        check_weights_fit(saved, ConvNet(num_classes=10, in_channels=3, widths=[8, 16]), CKPT, "f")
+    assert str(info.value) == (
+        f"{CKPT}: its weights do not fit the model this command builds (another shape"
+        " (checkpoint vs model): features.0.weight [8, 1, 3, 3] vs [8, 3, 3, 3]); f."
+    )
+    no_norm = {k: v for k, v in saved.items() if ".1." not in k}
+    with pytest.raises(CheckpointError) as info:
+        check_weights_fit(
+            no_norm, ConvNet(num_classes=10, in_channels=1, widths=[8, 16]), CKPT, "f"
+        )
+    assert "missing from the checkpoint: features.1.weight, features.1.bias," in str(info.value)

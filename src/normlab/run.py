@@ -26,6 +26,7 @@ from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
+from normlab.utils.checkpoint_fit import check_classes, check_resume_fits
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
 from normlab.utils.targets import check_targets, trusted_targets
@@ -172,14 +173,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
     model = build_model(cfg.model, cfg.norm, datamodule, trusted)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
+    if ckpt_path:  # before anything is set up: Lightning's own load comes after ~10 s of it
+        check_resume_fits(ckpt_path, model, training=bool(cfg.get("train")))
 
     callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
     callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM
     trainer = build_trainer(cfg, callbacks)
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))
     prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
-
-    ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -213,6 +215,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _data_source(data: Mapping[str, Any]) -> str:
+    """Where a data config reads from, as the key a user changes: data.data_dir or data.name."""
+    if data.get("data_dir") and data.get("name") not in (None, "digits", "synthetic"):
+        return f"data.data_dir={data['data_dir']}"
+    return f"data.name={data.get('name', data.get('_target_'))}"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint in eval mode with the data config and scaling statistics it was trained
     with; ``cfg.data`` entries that are not null replace the saved ones."""
@@ -226,6 +235,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trusted, source = trusted_targets(cfg.get("trusted_targets")), f"ckpt_path={cfg.ckpt_path}"
     data_cfg = eval_data_config(saved["data"], cfg.get("data") or {})
     datamodule = build_datamodule(data_cfg, cfg.seed, trusted, source)
+    check_classes(checkpoint, datamodule, source, _data_source(data_cfg))
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
         datamodule.load_state_dict(state)  # the training split's scaling statistics

@@ -28,6 +28,7 @@ from normlab.norm.layers import (
     param_groups,
 )
 from normlab.norm.registry import convert_norm
+from normlab.utils.checkpoint_fit import data_classes
 
 log = logging.getLogger("normlab")
 CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's composed config
@@ -246,11 +247,15 @@ class NormLabModule(L.LightningModule):
             "config": self.run_config,
             # which layers are frozen is part of the model's state (norm.freeze_at_epoch)
             "frozen_layers": frozen_layer_names(self),
+            # the labels the outputs mean: eval.py refuses data with other classes
+            "num_classes": self.hparams.num_classes,
+            "classes": data_classes(getattr(self._trainer, "datamodule", None)),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         entry = checkpoint.get(CHECKPOINT_KEY) or {}
-        self.run_config = entry.get("config", self.run_config)
+        # a resumed run keeps its own config (its checkpoints describe the run that wrote them)
+        self.run_config = self.run_config or entry.get("config")
         # before the weights load: a layer frozen in the checkpoint stays frozen, whatever the
         # command line says (a run resumed past norm.freeze_at_epoch without repeating it)
         frozen = freeze_named_layers(self, entry.get("frozen_layers", []))
