@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from normlab.errors import CheckpointError, ConfigError
 from normlab.utils.checkpoint_fit import check_classes, check_weights_fit
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.targets import check_targets, trusted_targets
-from tests.conftest import ROOT
+from tests.conftest import FAST, ROOT, Run, run_script
 
 EXAMPLES = str(ROOT / "examples")
 CKPT = "ckpt_path=/x/evil.ckpt"
@@ -267,3 +268,174 @@ def test_weights_that_do_not_fit_are_named_before_anything_runs() -> None:
             no_norm, ConvNet(num_classes=10, in_channels=1, widths=[8, 16]), CKPT, "f"
         )
     assert "missing from the checkpoint: features.1.weight, features.1.bias," in str(info.value)
+
+
+# -- end to end: the issue's crafted checkpoints through eval.py and train.py -----------------
+class Payload:
+    """A pickle that runs a shell command when it is unpickled (torch.load(weights_only=False))."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _image_folder(where: Path, classes: list[str]) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for i, name in enumerate(classes):
+        (where / name).mkdir(parents=True)
+        for j in range(12):  # each class its own brightness: learnable in a step or two
+            pixels = (torch.rand(8, 8, 3, generator=gen) * 64 + 60 * i).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(where / name / f"{j}.png")
+    return where
+
+
+def _craft(ckpt: Path, files: Path) -> dict[str, Path]:
+    """The issue's three files (its reproduction, with paths under ``files``)."""
+    crafted = {}
+    evil = torch.load(ckpt, weights_only=True)
+    touch = f"touch {files / 'pwned_by_checkpoint'}"
+    evil["normlab"]["config"]["model"]["net"] = {"_target_": "os.system", "command": touch}
+    torch.save(evil, crafted.setdefault("evil", files / "evil.ckpt"))
+    torch.save(Payload(f"touch {files / 'pwned_by_pickle'}"), files / "payload.pkl")
+    evil = torch.load(ckpt, weights_only=True)
+    load = {"_target_": "torch.load", "f": str(files / "payload.pkl"), "weights_only": False}
+    evil["normlab"]["config"]["data"] = load
+    torch.save(evil, crafted.setdefault("evil2", files / "evil2.ckpt"))
+    save = {"_target_": "torch.save", "obj": "clobbered", "f": str(files / "victim.txt")}
+    evil["normlab"]["config"]["data"] = save
+    torch.save(evil, crafted.setdefault("evil3", files / "evil3.ckpt"))
+    (files / "victim.txt").write_text("original\n")
+    return crafted
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    base = tmp_path_factory.mktemp("trust")
+    photos = _image_folder(base / "photos", ["cat", "dog"])
+    folder = ["data=imagefolder", f"data.data_dir={photos}", "data.image_size=[8,8]"]
+    trained = run_script("train.py", *FAST, *folder, run_dir=base / "train")
+    assert trained.returncode == 0, trained.output[-3000:]
+    ckpt = Path(trained.results["checkpoints"]["last"])
+    crafted = _craft(ckpt, base)
+    other = _image_folder(base / "other", ["cat", "horse"])
+    three = _image_folder(base / "three", ["cat", "dog", "fox"])
+    cases: dict[str, tuple[str, list[str]]] = {
+        name: ("eval.py", [f"ckpt_path={path}"]) for name, path in crafted.items()
+    }
+    cases |= {
+        "eval": ("eval.py", [f"ckpt_path={ckpt}"]),
+        "other_classes": ("eval.py", [f"ckpt_path={ckpt}", f"data.data_dir={other}"]),
+        "three_classes": ("eval.py", [f"ckpt_path={ckpt}", f"data.data_dir={three}"]),
+        # train.py reads a crafted checkpoint's tensors, never its config's targets
+        "resume_evil": (
+            "train.py",
+            [*FAST, *folder, f"ckpt_path={crafted['evil']}", "ckpt_strict=false"],
+        ),
+        "init_from_evil": (
+            "train.py",
+            [*FAST, *folder, "norm=frozen", f"norm.init_from={crafted['evil']}", "test=false"],
+        ),
+        "strict_false_widths": (
+            "train.py",
+            [*FAST, *folder, f"ckpt_path={ckpt}", "ckpt_strict=false", "model.net.widths=[4,8]"],
+        ),
+    }
+
+    def run(name: str) -> Run:
+        script, args = cases[name]
+        if name in ("resume_evil", "strict_false_widths"):  # the checkpoint has done epoch 1
+            args = [a for a in args if a != "trainer.max_epochs=1"] + ["trainer.max_epochs=2"]
+        if script == "eval.py":
+            args = ["trainer=cpu", *args]
+        return run_script(script, *args, run_dir=base / name, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = dict(zip(cases, pool.map(run, cases), strict=True))
+    return {**done, "train": trained, "base": base}  # type: ignore[dict-item]
+
+
+def _refused(run: Run, *expected: str) -> None:
+    assert run.returncode == 2, run.output[-3000:]
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    assert len(lines) == 1, run.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Traceback" not in run.output
+    assert not run.run_dir.exists()  # refused before anything ran: no run dir left
+
+
+@pytest.mark.parametrize(
+    ("name", "where", "target"),
+    [
+        ("evil", "model.net._target_", "os.system"),
+        ("evil2", "data._target_", "torch.load"),
+        ("evil3", "data._target_", "torch.save"),
+    ],
+)
+def test_the_issues_crafted_checkpoints_run_and_write_nothing(
+    runs: dict, name: str, where: str, target: str
+) -> None:
+    base = runs["base"]
+    _refused(runs[name], f"its saved config sets {where}='{target}', which is not one of")
+    assert not (base / "pwned_by_checkpoint").exists()
+    assert not (base / "pwned_by_pickle").exists()
+    assert (base / "victim.txt").read_text() == "original\n"
+
+
+def test_a_normal_checkpoint_still_evaluates_to_its_training_score(runs: dict) -> None:
+    evaluated, trained = runs["eval"], runs["train"]
+    assert evaluated.returncode == 0, evaluated.output[-3000:]
+    test_acc = trained.results["metrics"]["test/acc"]
+    assert evaluated.results["metrics"]["test/acc"] == pytest.approx(test_acc, abs=1e-6)
+    entry = torch.load(trained.results["checkpoints"]["last"], weights_only=True)["normlab"]
+    assert (entry["classes"], entry["num_classes"]) == (["cat", "dog"], 2)
+
+
+def test_eval_on_data_with_other_classes_is_refused_naming_them(runs: dict) -> None:
+    base = runs["base"]
+    _refused(
+        runs["other_classes"],
+        "was trained on the classes cat, dog, and the data's classes are cat, horse (label:"
+        " checkpoint vs data: 1: 'dog' vs 'horse')",
+        f"data.data_dir={base / 'other'} holds other classes",
+    )
+    _refused(
+        runs["three_classes"],
+        "holds a model for 2 classes (cat, dog), and the data has 3 (cat, dog, fox)",
+    )
+
+
+def test_train_py_takes_only_tensors_from_a_crafted_checkpoint(runs: dict) -> None:
+    base = runs["base"]
+    for name in ("resume_evil", "init_from_evil"):
+        assert runs[name].returncode == 0, runs[name].output[-3000:]
+    assert not (base / "pwned_by_checkpoint").exists()
+    # the resumed run's checkpoints describe the run that wrote them, not the crafted config
+    last = runs["resume_evil"].results["checkpoints"]["last"]
+    config = torch.load(last, weights_only=True)["normlab"]["config"]
+    assert config["model"]["net"]["_target_"] == "normlab.models.ConvNet"
+    assert config["trainer"]["max_epochs"] == 2
+
+
+def test_ckpt_strict_false_with_weights_that_do_not_fit_names_them(runs: dict) -> None:
+    _refused(
+        runs["strict_false_widths"],
+        "its weights do not fit the model this command builds (another shape (checkpoint vs"
+        " model): net.features.0.weight [8, 3, 3, 3] vs [4, 3, 3, 3],",
+        "without ckpt_strict=false, the settings that differ are listed",
+    )
+
+
+def test_a_weights_file_with_a_pickle_runs_nothing(tmp_path: Path) -> None:
+    from normlab.models.adapters import load_weights
+
+    marker = tmp_path / "pwned_by_weights"
+    torch.save({"state_dict": Payload(f"touch {marker}")}, tmp_path / "weights.pth")
+    with pytest.raises(ConfigError) as info:
+        load_weights(torch.nn.Linear(2, 2), tmp_path / "weights.pth")
+    assert "cannot read it as a state_dict file (UnpicklingError" in str(info.value)
+    assert not marker.exists()
