@@ -39,7 +39,7 @@ CKPT = "ckpt_path=/x/evil.ckpt"
             "data",
             {
                 "_target_": "normlab.data.NormLabDataModule",
-                "_args_": [{"_target_": "subprocess.Popen", "args": ["true"]}],
+                "_args_": [{"_target_": "shutil.rmtree", "path": "nothing-here"}],
             },
             "data._args_[0]._target_",
         ),
@@ -128,8 +128,8 @@ def test_the_command_lines_net_passes_the_same_gate() -> None:
     check_targets({"net": {"_target_": "torch.nn.Identity"}}, "model")
     with pytest.raises(ConfigError, match=r"add trusted_targets=\[os.system\]"):
         check_targets({"net": {"_target_": "os.system", "command": "true"}}, "model")
-    with pytest.raises(ConfigError, match="it is a class Popen, not a subclass"):
-        check_targets({"net": {"_target_": "subprocess.Popen"}}, "model")
+    with pytest.raises(ConfigError, match="it is a class ZipFile, not a subclass"):
+        check_targets({"net": {"_target_": "zipfile.ZipFile"}}, "model")
     check_targets({"net": {"_target_": "normlab.models.torchvision_net"}}, "model")  # builtin
     check_targets({"net": {"_target_": "torch.nn.init.zeros_"}}, "model", ["torch.nn.init.zeros_"])
 
@@ -438,4 +438,30 @@ def test_a_weights_file_with_a_pickle_runs_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_weights(torch.nn.Linear(2, 2), tmp_path / "weights.pth")
     assert "cannot read it as a state_dict file (UnpicklingError" in str(info.value)
+    assert not marker.exists()
+
+
+def test_the_python_apis_load_from_checkpoint_passes_the_same_gate(tmp_path: Path) -> None:
+    import lightning
+
+    from normlab.models import NormLabModule
+
+    model = NormLabModule(10, 1, {"name": "batchnorm"}, net={"widths": [8, 16]})
+    checkpoint = {
+        "normlab": {"config": {}},
+        "hyper_parameters": dict(model.hparams),
+        "state_dict": model.state_dict(),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(checkpoint, tmp_path / "ok.ckpt")
+    loaded = NormLabModule.load_from_checkpoint(tmp_path / "ok.ckpt")
+    assert torch.equal(loaded.net.features[0].weight, model.net.features[0].weight)
+
+    marker = tmp_path / "pwned_by_load_from_checkpoint"
+    checkpoint["hyper_parameters"]["net"] = {"_target_": "os.system", "command": f"touch {marker}"}
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="model.net._target_='os.system', which is not"):
+        NormLabModule.load_from_checkpoint(tmp_path / "evil.ckpt")
+    with pytest.raises(ConfigError, match="it is a builtin_function_or_method, not a subclass"):
+        NormLabModule.load_from_checkpoint(tmp_path / "evil.ckpt", trusted_targets=["os"])
     assert not marker.exists()

@@ -7,7 +7,7 @@ hyperparameters are these config dicts (plain data), so every checkpoint loads w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -251,6 +251,19 @@ class NormLabModule(L.LightningModule):
             "num_classes": self.hparams.num_classes,
             "classes": data_classes(getattr(self._trainer, "datamodule", None)),
         }
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, trusted_targets: Sequence[str] = (), **kwargs: Any
+    ) -> NormLabModule:
+        """Lightning's ``load_from_checkpoint``, after the checkpoint's saved ``net``,
+        ``optimizer`` and ``scheduler`` targets pass normlab's gate: a checkpoint is a file anyone
+        can write, so only normlab's builders, torch optimizers/schedulers and what
+        ``trusted_targets`` names (your package, e.g. ``["my_project"]``) are built from it."""
+        from normlab.utils.targets import check_saved_hyperparameters
+
+        check_saved_hyperparameters(checkpoint_path, kwargs, trusted_targets)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         entry = checkpoint.get(CHECKPOINT_KEY) or {}

@@ -169,7 +169,7 @@ def check_targets(
                 " names (anyone can write a checkpoint). If the checkpoint comes from your own"
                 " run of your own code, trust that code by name: add"
                 f" trusted_targets=[{target.split('.')[0]}] (your package or module; only classes"
-                " of the kind each place builds are called from it) to the command line."
+                " of the kind each place builds are called from it)."
             )
         if target in trusted:  # named exactly: the user vouches for it, a factory function too
             continue
@@ -184,3 +184,28 @@ def check_targets(
                 " classes of that kind from a config. If it is your own factory and you trust it,"
                 f" add trusted_targets=[{target}]",
             )
+
+
+def check_saved_hyperparameters(
+    checkpoint_path: Any, given: Mapping[str, Any], trusted: Sequence[str] = ()
+) -> None:
+    """``NormLabModule.load_from_checkpoint``: the checkpoint's saved hyperparameters (those
+    ``given`` does not replace: net, optimizer, scheduler, ...) pass :func:`check_targets` as a
+    checkpoint's config does in eval.py.
+
+    Raises:
+        CheckpointError: the file is not a normlab checkpoint, or names a target not trusted.
+    """
+    import torch
+
+    if hasattr(checkpoint_path, "read"):  # a file object: read it, then rewind for Lightning
+        start = checkpoint_path.tell()
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint_path.seek(start)
+    else:
+        from normlab.utils.checkpoints import load_checkpoint
+
+        checkpoint = load_checkpoint(checkpoint_path, key="checkpoint_path")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    saved = {k: v for k, v in hparams.items() if k not in given}
+    check_targets(saved, "model", trusted, checkpoint=f"checkpoint_path={checkpoint_path}")
