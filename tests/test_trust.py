@@ -465,3 +465,13 @@ def test_the_python_apis_load_from_checkpoint_passes_the_same_gate(tmp_path: Pat
     with pytest.raises(ConfigError, match="it is a builtin_function_or_method, not a subclass"):
         NormLabModule.load_from_checkpoint(tmp_path / "evil.ckpt", trusted_targets=["os"])
     assert not marker.exists()
+
+
+def test_a_checkpoints_interpolations_are_refused_not_resolved() -> None:
+    data = {"_target_": "normlab.data.NormLabDataModule", "data_dir": "${oc.env:HOME}"}
+    with pytest.raises(CheckpointError) as info:
+        check_targets(data, "data", checkpoint=CKPT)
+    assert str(info.value).startswith(
+        f"{CKPT}: its saved config sets data.data_dir='${{oc.env:HOME}}', an interpolation"
+    )
+    check_targets(data, "data")  # the user's own config may interpolate

@@ -69,6 +69,24 @@ def _targets(tree: Any, key: str) -> Iterator[tuple[str, Any]]:
             yield from _targets(value, f"{key}[{i}]")
 
 
+def _refuse_interpolations(tree: Any, key: str, checkpoint: str) -> None:
+    """A checkpoint's config is saved resolved, so a ``${...}`` in it was put there by hand:
+    building the config would resolve it (``${oc.env:SECRET}`` copies an environment variable
+    into the run's logs)."""
+    if isinstance(tree, Mapping):
+        for name, value in tree.items():
+            _refuse_interpolations(value, f"{key}.{name}", checkpoint)
+    elif isinstance(tree, Sequence) and not isinstance(tree, str | bytes):
+        for i, value in enumerate(tree):
+            _refuse_interpolations(value, f"{key}[{i}]", checkpoint)
+    elif isinstance(tree, str) and "${" in tree:
+        raise CheckpointError(
+            f"{checkpoint}: its saved config sets {key}={tree!r}, an interpolation that building"
+            " it would resolve (normlab saves configs resolved, so this one was edited by hand);"
+            " do not open it with normlab, or write the value itself into a copy of the file."
+        )
+
+
 def _kind(key: str) -> type:
     module, name = _KINDS.get(key.removesuffix("._target_"), _NESTED)
     return getattr(importlib.import_module(module), name)
@@ -157,6 +175,8 @@ def check_targets(
         ConfigError: a target that is not a class of the kind its place builds.
     """
     trusted = [str(t) for t in trusted or ()]
+    if checkpoint is not None:
+        _refuse_interpolations(cfg, key, checkpoint)
     for where, target in _targets(cfg, key):
         if not isinstance(target, str) or not _DOTTED.fullmatch(target):
             raise ConfigError(where, target, "expected the dotted name of a class, e.g. pkg.Class")
