@@ -475,3 +475,15 @@ def test_a_checkpoints_interpolations_are_refused_not_resolved() -> None:
         f"{CKPT}: its saved config sets data.data_dir='${{oc.env:HOME}}', an interpolation"
     )
     check_targets(data, "data")  # the user's own config may interpolate
+
+
+def test_timm_net_reads_no_file_a_config_names() -> None:
+    """A checkpoint's model.net may name normlab's timm adapter, not make it load other weights."""
+    from normlab.models import timm_net
+
+    with pytest.raises(ConfigError) as info:
+        timm_net("resnet10t", 10, checkpoint_path="/elsewhere/weights.pth")
+    assert str(info.value).startswith(
+        "model.net.checkpoint_path='/elsewhere/weights.pth' is not valid: timm_net builds the"
+        " model without weights; give a weights file as model.weights=<file>"
+    )

@@ -16,6 +16,8 @@ values. The data and model configs of a checkpoint are data someone else may hav
 
 So ``os.system``, ``torch.load``, ``torch.save``, ``builtins.eval`` or ``subprocess.Popen`` are
 never called unless the user wrote that very name into ``trusted_targets``.
+A checkpoint's config is also refused when it holds a ``${...}`` interpolation (configs are saved
+resolved); the adapters' own arguments are checked by the adapters (``timm_net`` reads no file).
 
 Example::
 
