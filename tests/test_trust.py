@@ -339,6 +339,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
             "train.py",
             [*FAST, *folder, "norm=frozen", f"norm.init_from={crafted['evil']}", "test=false"],
         ),
+        "resume_other_classes": (
+            "train.py",
+            [*FAST, *folder[:1], f"data.data_dir={other}", folder[2], f"ckpt_path={ckpt}"],
+        ),
         "strict_false_widths": (
             "train.py",
             [*FAST, *folder, f"ckpt_path={ckpt}", "ckpt_strict=false", "model.net.widths=[4,8]"],
@@ -347,7 +351,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
 
     def run(name: str) -> Run:
         script, args = cases[name]
-        if name in ("resume_evil", "strict_false_widths"):  # the checkpoint has done epoch 1
+        if name in ("resume_evil", "resume_other_classes", "strict_false_widths"):  # 1 epoch done
             args = [a for a in args if a != "trainer.max_epochs=1"] + ["trainer.max_epochs=2"]
         if script == "eval.py":
             args = ["trainer=cpu", *args]
@@ -406,6 +410,12 @@ def test_eval_on_data_with_other_classes_is_refused_naming_them(runs: dict) -> N
     _refused(
         runs["three_classes"],
         "holds a model for 2 classes (cat, dog), and the data has 3 (cat, dog, fox)",
+    )
+    # resuming it on them too (data.data_dir is not part of the model's settings)
+    _refused(
+        runs["resume_other_classes"],
+        "was trained on the classes cat, dog, and the data's classes are cat, horse",
+        "or add ckpt_strict=false to train on these classes anyway",
     )
 
 

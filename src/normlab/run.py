@@ -175,7 +175,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
     if ckpt_path:  # before anything is set up: Lightning's own load comes after ~10 s of it
-        check_resume_fits(ckpt_path, model, training=bool(cfg.get("train")))
+        # the classes too, unless ckpt_strict=false: then other labels are the user's call
+        strict = cfg.get("ckpt_strict", True)
+        data = (datamodule, _data_source(cfg.data)) if strict else (None, "")
+        check_resume_fits(ckpt_path, model, bool(cfg.get("train")), *data)
 
     callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
     callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM

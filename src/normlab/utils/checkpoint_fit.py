@@ -35,7 +35,9 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
-def check_classes(checkpoint: Mapping[str, Any], datamodule: Any, ckpt: str, data: str) -> None:
+def check_classes(
+    checkpoint: Mapping[str, Any], datamodule: Any, ckpt: str, data: str, other: str = ""
+) -> None:
     """Refuse data whose classes are not those the checkpoint's model was trained on: another
     number of classes, or other names (or order) of the labels, which would score the model's
     predictions against other labels. A checkpoint from before class names were saved is checked
@@ -43,7 +45,7 @@ def check_classes(checkpoint: Mapping[str, Any], datamodule: Any, ckpt: str, dat
 
     Args:
         checkpoint: the loaded checkpoint; ckpt: ``"ckpt_path=<file>"``; data: where the data
-            comes from, e.g. ``"data.data_dir=photos"``.
+            comes from, e.g. ``"data.data_dir=photos"``; other: another way out, added to the fix.
 
     Raises:
         CheckpointError: naming both lists of classes and the fix.
@@ -54,7 +56,7 @@ def check_classes(checkpoint: Mapping[str, Any], datamodule: Any, ckpt: str, dat
         "num_classes"
     )
     names, num = data_classes(datamodule), datamodule.num_classes
-    fix = f"give the data it was trained on ({data} holds other classes)"
+    fix = f"give the data it was trained on ({data} holds other classes){other}"
     if saved_num is not None and saved_num != num:
         trained = f" ({_listed(saved)})" if saved else ""
         here = f" ({_listed(names)})" if names else ""
@@ -115,18 +117,24 @@ def check_weights_fit(saved: Mapping[str, Any], model: Any, ckpt: str, fix: str)
     )
 
 
-def check_resume_fits(path: str | Path, model: Any, training: bool) -> None:
+def check_resume_fits(
+    path: str | Path, model: Any, training: bool, datamodule: Any = None, data: str = ""
+) -> None:
     """train.py's ``ckpt_path`` (``last`` resolved): refuse, before the Trainer is set up, a
     checkpoint whose weights do not fit the model the command built (with ``ckpt_strict=false``
-    the settings may differ; the tensors must not). ``training``: train=true (resume), else
-    train=false (test the checkpoint).
+    the settings may differ; the tensors must not), and, given the ``datamodule`` (read from
+    ``data``), data with other classes than it was trained on. ``training``: train=true
+    (resume), else train=false (test the checkpoint).
 
     Raises:
-        CheckpointError: naming the keys (:func:`check_weights_fit`) and the fix.
+        CheckpointError: naming the keys (:func:`check_weights_fit`) or classes, and the fix.
     """
     fix = "rebuild the model it holds (without ckpt_strict=false, the settings that differ are"
     fix += " listed)"
     if not training:
         fix += f", or test it with python eval.py ckpt_path={path}, which rebuilds its model"
-    saved = load_checkpoint(path)["state_dict"]
-    check_weights_fit(saved, model, f"ckpt_path={path}", fix)
+    checkpoint = load_checkpoint(path)
+    if datamodule is not None:
+        other = ", or add ckpt_strict=false to train on these classes anyway"
+        check_classes(checkpoint, datamodule, f"ckpt_path={path}", data, other)
+    check_weights_fit(checkpoint["state_dict"], model, f"ckpt_path={path}", fix)
