@@ -133,6 +133,12 @@ def describe_net(net: nn.Module, num_classes: int, in_channels: int) -> dict[str
     return {BUILT: f"{kind.__module__}.{kind.__qualname__}"}
 
 
+# timm.create_model arguments that read weights from a file or a hub
+_TIMM_FILE_KEYS = frozenset(
+    {"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
+)
+
+
 def timm_net(
     arch: str,
     num_classes: int,
@@ -154,6 +160,13 @@ def timm_net(
             arch,
             'not a timm model; list them with python -c "import timm;'
             " print(timm.list_models('resnet*'))\" (e.g. resnet10t, resnet18, efficientnet_b0)",
+        )
+    for key in _TIMM_FILE_KEYS & set(kwargs):  # weights come from model.weights, checked there
+        raise ConfigError(
+            f"model.net.{key}",
+            kwargs[key],
+            "timm_net builds the model without weights; give a weights file as"
+            " model.weights=<file> (loaded before the norm conversion)",
         )
     if activation is not None:  # timm names activations as normlab does (relu, sigmoid, ...)
         kwargs["act_layer"] = activation

@@ -7,7 +7,7 @@ hyperparameters are these config dicts (plain data), so every checkpoint loads w
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -30,6 +30,7 @@ from normlab.models.adapters import (
 from normlab.models.defaults import MODULE_TARGET, default
 from normlab.norm.layers import FrozenBatchNorm2d, param_groups
 from normlab.norm.registry import convert_norm
+from normlab.utils.checkpoint_fit import data_classes
 from normlab.utils.checkpoints import CHECKPOINT_KEY
 
 log = logging.getLogger("normlab")
@@ -300,7 +301,13 @@ class NormLabModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from normlab.resume import save_frozen_layers
 
-        entry = {"format": 1, "config": self.run_config or self._python_run_config()}
+        entry = {
+            "format": 1,
+            "config": self.run_config or self._python_run_config(),
+            # the labels the outputs mean: eval.py refuses data with other classes
+            "num_classes": self.hparams.num_classes,
+            "classes": data_classes(getattr(self._trainer, "datamodule", None)),
+        }
         save_frozen_layers(self, entry)
         checkpoint[CHECKPOINT_KEY] = entry
 
@@ -320,9 +327,23 @@ class NormLabModule(L.LightningModule):
             data["_target_"] = f"normlab.data.{type(dm).__qualname__}"
         return {"model": model, "norm": dict(self.hparams.norm), "data": data}
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, *args: Any, trusted_targets: Sequence[str] = (), **kwargs: Any
+    ) -> NormLabModule:
+        """Lightning's ``load_from_checkpoint``, after the checkpoint's saved ``net``,
+        ``optimizer`` and ``scheduler`` targets pass normlab's gate: a checkpoint is a file anyone
+        can write, so only normlab's builders, torch optimizers/schedulers and what
+        ``trusted_targets`` names (your package, e.g. ``["my_project"]``) are built from it."""
+        from normlab.utils.targets import check_saved_hyperparameters
+
+        check_saved_hyperparameters(checkpoint_path, kwargs, trusted_targets)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from normlab.resume import restore_frozen_layers
 
         entry = checkpoint.get(CHECKPOINT_KEY) or {}
-        self.run_config = entry.get("config", self.run_config)
+        # a resumed run keeps its own config (its checkpoints describe the run that wrote them)
+        self.run_config = self.run_config or entry.get("config")
         restore_frozen_layers(self, entry)  # before the weights load
