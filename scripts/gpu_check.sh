@@ -3,9 +3,13 @@
 #   1. a short training run on CIFAR-shaped synthetic data in fp32, and with bf16 mixed precision
 #      plus channels_last, through train.py; and a torchvision ResNet-18 with frozen statistics
 #      (model=torchvision norm=frozen) in bf16;
-#   2. the SyncBatchNorm conversion Lightning applies for trainer.sync_batchnorm=true: outputs and
-#      running statistics equal BatchNorm2d's in a one-process group, FrozenBatchNorm2d untouched;
-#   3. a short table of the results.
+#   2. the norms that compute on the batch in their own way (batchrenorm, ghostbatchnorm, gn_ws
+#      on a ResNet-18) in bf16, and the DDP launcher (trainer=ddp, one device, LayerSync on);
+#   3. normlab's SyncBatchNorm (fused activations kept) with 2 processes on the GPU against a
+#      one-process reference and against unsynced BatchNorm (so the check cannot pass trivially);
+#   4. the CIFAR-10 ResNet-18 recipe's images/s, plain loop vs Lightning, fp32 vs bf16 +
+#      channels_last, with and without device augmentation (scripts/bench_augment.py);
+#   5. a short table of the results.
 # Usage: bash scripts/gpu_check.sh [extra train.py overrides]   (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +28,35 @@ fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
 COMMON=(trainer=gpu data=synthetic trainer.max_epochs=3 callbacks.rich_progress_bar=null "$@")
+FAILED=()
 
-"$PY" train.py "${COMMON[@]}" hydra.run.dir="$OUT/fp32" > "$OUT/fp32.log" 2>&1
-"$PY" train.py "${COMMON[@]}" trainer.precision=bf16-mixed model.channels_last=true \
-  hydra.run.dir="$OUT/bf16_channels_last" > "$OUT/bf16_channels_last.log" 2>&1
-"$PY" train.py "${COMMON[@]}" model=torchvision model.arch=resnet18 norm=frozen \
-  trainer.precision=bf16-mixed hydra.run.dir="$OUT/resnet18_frozen_bf16" \
-  > "$OUT/resnet18_frozen_bf16.log" 2>&1
+# one train.py run into $OUT/<name>; a failure is reported (the log's end) and the check goes on
+train() {
+  local name=$1
+  shift
+  if ! "$PY" train.py "${COMMON[@]}" "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1; then
+    echo "gpu_check: $name failed ($OUT/$name.log):" >&2
+    tail -n 15 "$OUT/$name.log" >&2
+    FAILED+=("$name")
+  fi
+}
+
+train fp32
+train bf16_channels_last trainer.precision=bf16-mixed model.channels_last=true
+train resnet18_frozen_bf16 model=torchvision model.arch=resnet18 norm=frozen \
+  trainer.precision=bf16-mixed
+train batchrenorm_bf16 norm=batchrenorm trainer.precision=bf16-mixed
+train ghostbatchnorm_bf16 norm=ghostbatchnorm trainer.precision=bf16-mixed
+train resnet18_gn_ws_bf16 model=torchvision model.arch=resnet18 norm=gn_ws \
+  trainer.precision=bf16-mixed
+train ddp_1gpu_bf16 trainer=ddp trainer.devices=1 model.channels_last=true \
+  trainer.precision=bf16-mixed
+if ! "$PY" scripts/bench_augment.py --recipe-throughput --steps 100 \
+  > "$OUT/recipe_throughput.md" 2> "$OUT/recipe_throughput.log"; then
+  echo "gpu_check: the recipe throughput failed ($OUT/recipe_throughput.log):" >&2
+  tail -n 15 "$OUT/recipe_throughput.log" >&2
+  FAILED+=(recipe_throughput)
+fi
 
 cat > "$OUT/sync_check.py" <<'EOF'
 """2 ranks on cuda:0 over gloo: normlab's LayerSync, SyncBatchNorm vs a one-process reference."""
@@ -109,39 +135,47 @@ if __name__ == "__main__":
 EOF
 if ! "$PY" "$OUT/sync_check.py" "$OUT" > "$OUT/sync_check.log" 2>&1; then
   echo "gpu_check: the SyncBatchNorm check crashed ($OUT/sync_check.log):" >&2
-  cat "$OUT/sync_check.log" >&2
-  exit 1
+  tail -n 30 "$OUT/sync_check.log" >&2
+  FAILED+=(sync_check)
 fi
 
-"$PY" - "$OUT" <<'EOF'
+"$PY" - "$OUT" "${FAILED[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
 import torch
 
-out = Path(sys.argv[1])
-rows = []
-for name in ("fp32", "bf16_channels_last", "resnet18_frozen_bf16"):
-    r = json.loads((out / name / "results.json").read_text())
-    m = r["metrics"]
-    rows.append((name, m.get("val/acc"), m.get("test/acc"), r.get("wall_time_s")))
-sync = json.loads((out / "sync_check.json").read_text())
-
+out, failed = Path(sys.argv[1]), sys.argv[2:]
+RUNS = ("fp32", "bf16_channels_last", "resnet18_frozen_bf16", "batchrenorm_bf16",
+        "ghostbatchnorm_bf16", "resnet18_gn_ws_bf16", "ddp_1gpu_bf16")
 print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 print(f"{'run':<22}{'val/acc':>10}{'test/acc':>10}{'wall s':>10}")
-for name, val, test, wall in rows:
-    print(f"{name:<22}{val:>10.4f}{test:>10.4f}{wall:>10.1f}")
-print(f"SyncBatchNorm, 2 processes x 16 samples (gloo): layers {sync['types']}, activation kept:"
-      f" {sync['act_kept']}, frozen layer unchanged: {sync['frozen_unchanged']}")
-print(f"  max |diff| vs one process on 32 samples: output {sync['output_vs_reference']:.2e},"
-      f" running stats {sync['stats_vs_reference']:.2e}")
-print(f"  max |diff| vs unsynced BatchNorm on 16 samples (must be large): output"
-      f" {sync['output_vs_unsynced']:.2e}, running stats {sync['stats_vs_unsynced']:.2e}")
-ok = (
-    sync["types"][1] == "SyncBatchNormAct" and sync["act_kept"] and sync["frozen_unchanged"]
-    and sync["output_vs_reference"] < 1e-4 and sync["stats_vs_reference"] < 1e-5
-    and sync["output_vs_unsynced"] > 1e-3 and sync["stats_vs_unsynced"] > 1e-3
-)
-print("gpu_check:", "OK" if ok else "FAILED")
+for name in RUNS:
+    results = out / name / "results.json"
+    if not results.is_file():
+        print(f"{name:<22}{'failed':>10}")
+        continue
+    r = json.loads(results.read_text())
+    m = r["metrics"]
+    print(f"{name:<22}{m['val/acc']:>10.4f}{m['test/acc']:>10.4f}{r['wall_time_s']:>10.1f}")
+ok = not failed
+sync_file = out / "sync_check.json"
+if sync_file.is_file():
+    sync = json.loads(sync_file.read_text())
+    print(f"SyncBatchNorm, 2 processes x 16 samples (gloo): layers {sync['types']}, activation"
+          f" kept: {sync['act_kept']}, frozen layer unchanged: {sync['frozen_unchanged']}")
+    print(f"  max |diff| vs one process on 32 samples: output {sync['output_vs_reference']:.2e},"
+          f" running stats {sync['stats_vs_reference']:.2e}")
+    print(f"  max |diff| vs unsynced BatchNorm on 16 samples (must be large): output"
+          f" {sync['output_vs_unsynced']:.2e}, running stats {sync['stats_vs_unsynced']:.2e}")
+    ok = ok and (
+        sync["types"][1] == "SyncBatchNormAct" and sync["act_kept"] and sync["frozen_unchanged"]
+        and sync["output_vs_reference"] < 1e-4 and sync["stats_vs_reference"] < 1e-5
+        and sync["output_vs_unsynced"] > 1e-3 and sync["stats_vs_unsynced"] > 1e-3
+    )
+throughput = out / "recipe_throughput.md"
+if throughput.is_file():
+    print(throughput.read_text())
+print("gpu_check:", "OK" if ok else f"FAILED {' '.join(failed)}")
 sys.exit(0 if ok else 1)
 EOF
