@@ -1,10 +1,15 @@
-"""A user's nets and data that do not fit normlab, for tests/test_model_errors.py: each must be
-refused with one paragraph that names the problem, not a library's traceback."""
+"""A user's nets and data that do not fit normlab, for tests/test_model_errors.py (each must be
+refused with one paragraph that names the problem, not a library's traceback), and signals
+sent at chosen phases of a run, for tests/test_preemption.py."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,3 +51,24 @@ class Blobs(L.LightningDataModule):
         return DataLoader(self.data, batch_size=16, shuffle=True)
 
     val_dataloader = test_dataloader = train_dataloader
+
+
+class TermDuringSetup(Blobs):
+    """Data whose setup is stopped by SIGTERM (a job preempted while it loads its data); takes
+    normlab's data keys and ignores them."""
+
+    def __init__(self, **ignored: object) -> None:
+        super().__init__()
+
+    def setup(self, stage: str | None = None) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SignalOnTestStart(Callback):
+    """Sends ``signum`` to this process when the test phase starts."""
+
+    def __init__(self, signum: int = int(signal.SIGTERM)) -> None:
+        self.signum = signum
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.kill(os.getpid(), self.signum)
