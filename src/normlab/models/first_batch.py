@@ -51,7 +51,8 @@ def check_first_batch(model: L.LightningModule, datamodule: Any, train: bool = T
     num_classes, data = datamodule.num_classes, _data_name(datamodule)
     datamodule.setup("fit" if train else "test")
     loader = datamodule.train_dataloader() if train else datamodule.test_dataloader()
-    images, labels = datamodule.on_after_batch_transfer(next(iter(loader)), 0)
+    with torch.random.fork_rng(devices=[]):  # a shuffling loader draws its seed: training's stays
+        images, labels = datamodule.on_after_batch_transfer(next(iter(loader)), 0)
     labels = torch.as_tensor(labels)
     if labels.is_floating_point():
         found = f"{labels.dtype} labels"
