@@ -91,9 +91,12 @@ def test_overrides_are_typed_as_on_the_command_line() -> None:
     # a key the current config lacks is listed with the checkpoint's value, and vice versa
     assert config_differences(_config(model__depth=3), CONFIG) == ["model.depth=3"]
     assert config_differences(CONFIG, _config(model__depth=3)) == ["model.depth=null"]
-    # another data set: data.name alone, not the other data keys that follow from it
+    # another data set: the group override, then the checkpoint's own values in that group
     mnist = _config(data__name="mnist", data__image_size=28)
-    assert config_differences(_config(data__image_size=8), mnist) == ["data.name=digits"]
+    assert config_differences(_config(data__image_size=8), mnist) == [
+        "data=digits",
+        "data.image_size=8",
+    ]
     # a list or a mapping as JSON without spaces, as a shell takes it unquoted
     assert config_differences(_config(model__net={"widths": [8, 16]}), CONFIG) == [
         "model.net.widths=[8,16]"

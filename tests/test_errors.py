@@ -319,6 +319,41 @@ def test_unwritable_log_dir_is_one_paragraph(read_only_dir: Path) -> None:
     assert list(read_only_dir.iterdir()) == []
 
 
+def test_a_full_log_filesystem_is_one_paragraph_before_hydra_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import normlab.preflight as preflight
+
+    usage = shutil.disk_usage(tmp_path)._replace(free=300 * 1024)  # 0.3 MiB left
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(SystemExit) as info:
+        preflight.check_writable(tmp_path / "logs" / "run", "hydra.run.dir")
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"normlab: error: hydra.run.dir={tmp_path}/logs/run cannot be created")
+    assert f"{tmp_path} has 0.3 MiB free" in line and "at least 10 MiB" in line
+    assert "paths.log_dir" in line and not (tmp_path / "logs").exists()
+
+
+def test_full_log_tmpfs_leaves_no_empty_config(tmp_path: Path) -> None:
+    """A real 1 MiB filesystem: Hydra used to die in _save_config with a 0-byte config.yaml."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)]).returncode
+    ):
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        proc = _entry_point("trainer=cpu", f"paths.log_dir={where}/logs")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("normlab: error: ")]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "MiB free" in lines[0] and list(where.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
 def test_slurm_launcher_without_slurm(tmp_path: Path) -> None:
     if shutil.which("sbatch"):
         pytest.skip("this machine has SLURM")

@@ -23,7 +23,7 @@ LONG = [
 ]
 
 
-def _start(log_dir: Path, out: Path) -> subprocess.Popen:
+def _start_training(log_dir: Path, out: Path) -> subprocess.Popen:
     """train.py in the background, with Ctrl-C delivered as in a terminal (SIGINT not ignored)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *LONG, f"paths.log_dir={log_dir}"],
@@ -52,7 +52,7 @@ def test_sigterm_and_ctrl_c_save_a_resumable_checkpoint(tmp_path: Path) -> None:
     for name in ("term", "int"):
         # the SIGTERM run logs where run_script(run_dir=tmp_path / ...) points paths.log_dir
         log_dir = tmp_path / ("logs" if name == "term" else "logs_int")
-        runs[name] = (log_dir, _start(log_dir, tmp_path / f"{name}.out"))
+        runs[name] = (log_dir, _start_training(log_dir, tmp_path / f"{name}.out"))
     for name, signum in (("term", signal.SIGTERM), ("int", signal.SIGINT)):
         log_dir, proc = runs[name]
         run_dir = _wait_for_first_epoch(log_dir, proc)
@@ -66,6 +66,7 @@ def test_sigterm_and_ctrl_c_save_a_resumable_checkpoint(tmp_path: Path) -> None:
         assert proc.returncode == (143 if name == "term" else 130), output[-3000:]
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         assert f"normlab: interrupted by {what} at epoch" in output
+        assert output.count("normlab: interrupted by") == 1  # once, not also through the log
         assert f"saved a resumable checkpoint to {ckpt}. Resume with: python train.py" in output
         assert "Traceback" not in output
         assert not (run_dir / "results.json").exists()
@@ -94,3 +95,45 @@ def test_sigterm_and_ctrl_c_save_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert end["epoch"] == epochs - 1
     assert end["global_step"] == epochs * STEPS_PER_EPOCH
     assert resumed.results["checkpoints"]["last"] == str(resumed.run_dir / "checkpoints/last.ckpt")
+
+
+def _interrupted_in_process(tmp_path: Path, capsys, *overrides: str) -> tuple[int, str, Path]:
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    fast = [*FAST, "callbacks=no_inspection", "logger=csv", "trainer.limit_train_batches=2"]
+    _, cfg = compose_train([*fast, *overrides], tmp_path / "run")
+    with pytest.raises(SystemExit) as info:
+        run_task("train", cfg)
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "interrupted" in ln]
+    return info.value.code, line, tmp_path / "run"
+
+
+def test_sigterm_while_loading_data_says_nothing_was_saved(tmp_path: Path, capsys) -> None:
+    code, line, run_dir = _interrupted_in_process(
+        tmp_path, capsys, "data._target_=tests.user_code.TermDuringSetup"
+    )
+    assert code == 143
+    assert line == (
+        "normlab: interrupted by SIGTERM before the training finished; nothing was saved: run"
+        " the same command again"
+    )
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_a_signal_in_the_test_phase_names_the_checkpoints_and_eval(
+    tmp_path: Path, capsys, signum: int
+) -> None:
+    code, line, run_dir = _interrupted_in_process(
+        tmp_path, capsys, "+callbacks.signal._target_=tests.user_code.SignalOnTestStart",
+        f"+callbacks.signal.signum={int(signum)}",
+        "data.eval_batch_size=64",  # Lightning stops a test at a batch boundary, not the last
+    )  # fmt: skip
+    assert code == 128 + signum
+    best = next(p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    assert line.startswith(f"normlab: interrupted by {what} outside training; saved: ")
+    assert f"test the trained model with `python eval.py ckpt_path={best}`" in line
+    assert str(run_dir / "checkpoints" / "last.ckpt") in line
+    assert not (run_dir / "results.json").exists()

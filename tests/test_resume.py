@@ -229,10 +229,14 @@ def test_differences_name_the_overrides_that_rebuild_the_checkpoints_model() -> 
     assert config_differences(CONFIG, same_model) == []
     assert config_differences(CONFIG, _config(model__widths=[32, 64])) == ["model.widths=[8,16]"]
     assert config_differences(CONFIG, _config(norm__momentum=0.01)) == ["norm.momentum=0.1"]
-    # another norm: the norm alone, not each key of the two norm configs
+    # another norm: the group override, and the checkpoint's values the current norm lacks
     other = _config(norm={"name": "groupnorm", "num_groups": 4})
-    assert config_differences(CONFIG, other) == ["norm=batchnorm"]
-    assert config_differences(CONFIG, _config(data__name="mnist")) == ["data.name=digits"]
+    assert config_differences(CONFIG, other) == ["norm=batchnorm", "++norm.momentum=0.1"]
+    assert config_differences(CONFIG, _config(data__name="mnist")) == ["data=digits"]
+    # another net normlab builds: its model option, then the checkpoint's values in the group
+    torchvision = _config(model__net={"_target_": "normlab.models.torchvision_net"})
+    torchvision["model"]["arch"] = "resnet34"
+    assert config_differences(torchvision, CONFIG) == ["model=torchvision", "++model.arch=resnet34"]
 
 
 def test_a_checkpoint_of_another_model_is_refused_unless_ckpt_strict_false(tmp_path) -> None:
@@ -447,9 +451,34 @@ def _changed(dotted: str, value: object) -> dict:
 @pytest.mark.parametrize("key", sorted(MUST_MATCH))
 def test_each_setting_that_builds_the_model_must_match_to_resume(key: str) -> None:
     differences = config_differences(TABLE_CONFIG, _changed(key, MUST_MATCH[key]))
-    assert len(differences) == 1 and differences[0].startswith(f"{key}="), differences
+    # another data set or net of normlab's: a group override (data=synthetic, model=cnn)
+    typed = {"data.name": "data=", "model.net._target_": "model="}.get(key, f"{key}=")
+    assert len(differences) == 1 and differences[0].startswith(typed), differences
 
 
 @pytest.mark.parametrize("key", sorted(MAY_CHANGE))
 def test_each_setting_of_how_a_run_goes_on_may_change_on_resume(key: str) -> None:
     assert config_differences(TABLE_CONFIG, _changed(key, MAY_CHANGE[key])) == []
+
+
+def test_the_overrides_a_refusal_prints_resume_the_run_when_typed_back(tmp_path) -> None:
+    """A torchvision run with norm=frozen on synthetic data, resumed with the default command:
+    the refusal's overrides, appended as printed, compose, pass the checks and resume it."""
+    quick = ["trainer=cpu", "callbacks=no_inspection", "callbacks.rich_progress_bar=null"]
+    first = run_script(
+        "train.py", *quick, "trainer.max_epochs=1", "norm=frozen", "model=torchvision",
+        "model.arch=resnet18", "data=synthetic", "data.synthetic.shape=[3,16,16]",
+        "data.synthetic.num_samples=96", "data.synthetic.num_test=32", "data.batch_size=32",
+        run_dir=tmp_path / "first",
+    )  # fmt: skip
+    assert first.returncode == 0, first.output[-3000:]
+    resume = [*quick, "trainer.max_epochs=2", f"ckpt_path={first.results['checkpoints']['last']}"]
+    refused = run_script("train.py", *resume, run_dir=tmp_path / "refused")
+    assert refused.returncode == 2, refused.output[-3000:]
+    [line] = [ln for ln in refused.stderr.splitlines() if ln.startswith("normlab: error: ")]
+    hints = line.split("trained with ")[1].split(": to resume it")[0].split()
+    assert hints[:3] == ["model=torchvision", "norm=frozen", "data=synthetic"], line
+    assert "data.synthetic.shape=[3,16,16]" in hints or "++data.synthetic.shape=[3,16,16]" in hints
+    resumed = run_script("train.py", *resume, *hints, run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert resumed.results["epochs"] == 2

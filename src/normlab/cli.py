@@ -2,8 +2,9 @@
 errors into one paragraph on stderr with exit status 2.
 
 Exit statuses: 0 done; 2 bad input, missing data, not a checkpoint, or a diverged loss (one
-paragraph on stderr, prefixed ``normlab: error:``); 143 stopped by SIGTERM and 130 by Ctrl-C,
-after saving ``checkpoints/last.ckpt`` (the shell's ``128 + signal`` convention).
+paragraph on stderr, prefixed ``normlab: error:``); 143 stopped by SIGTERM and 130 by Ctrl-C
+(the shell's ``128 + signal`` convention): during training after saving ``checkpoints/last.ckpt``,
+at any other time with one line that says what was saved and how to go on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import expand_user_paths, validate_eval_config, validate_train_config
-from normlab.errors import ConfigError, DivergenceError, NormlabError
+from normlab.errors import ConfigError, DivergenceError, NormlabError, SweepJobError
 from normlab.run_dir import (
     check_resumes_here,
     created_by_this_run,
@@ -94,6 +95,41 @@ def _interrupt_signal(exc: SystemExit) -> int | None:
     return None
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside Lightning's fit/test (which turn it into SIGTERMException themselves)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # while Lightning runs, its handler is installed and calls this one after its own, and it
+    # stops at the next batch boundary: raise only when this is the process's handler itself
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        raise _Terminated
+
+
+def _reported(exc: BaseException) -> bool:
+    """Whether PreemptionCheckpoint saved a checkpoint for this interruption and said so."""
+    return any(getattr(e, "normlab_reported", False) for e in (exc, exc.__context__))
+
+
+def _stopped(task: str, cfg: DictConfig, signum: int) -> str:
+    """What an interruption outside training left on disk and how to go on; a run dir with no
+    checkpoint in it is removed."""
+    what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    saved = sorted(Path(cfg.paths.output_dir).glob("checkpoints/*.ckpt"))
+    if task != "train" or not saved:
+        _discard_empty_run_dir(cfg)
+        return (
+            f"normlab: interrupted by {what} before the {'training' if task == 'train' else 'test'}"
+            " finished; nothing was saved: run the same command again"
+        )
+    best = next((p for p in saved if p.name != "last.ckpt"), saved[0])
+    return (
+        f"normlab: interrupted by {what} outside training; saved: {', '.join(map(str, saved))},"
+        f" but no results.json: test the trained model with `python eval.py ckpt_path={best}`"
+        " (or train on from checkpoints/last.ckpt with ckpt_path= and a larger trainer.max_epochs)"
+    )
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -104,6 +140,10 @@ def _in_multirun() -> bool:
 def run_task(task: str, cfg: DictConfig) -> Any:
     """Run ``train`` or ``evaluate`` on a composed config."""
     started = False
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (a threaded launcher): the default stays
+        previous = None
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
@@ -132,24 +172,27 @@ def run_task(task: str, cfg: DictConfig) -> Any:
         started = True
         return run.train(cfg) if task == "train" else run.evaluate(cfg)
     except NormlabError as err:
-        print(f"normlab: error: {err}", file=sys.stderr)
         if _in_multirun():
-            # fail this job only (its dir and log stay for the sweep summary): Hydra runs the
-            # sweep's other jobs, then reports the failure
-            raise RuntimeError(f"normlab: error: {err}") from None
+            # fail this job only (its dir and log stay): Hydra runs the sweep's other jobs, then
+            # SweepSummary names every failed job in one paragraph
+            log.error("normlab: error: %s", err)
+            raise SweepJobError(str(err)) from None
+        print(f"normlab: error: {err}", file=sys.stderr)
         if not started or not (Path(cfg.paths.output_dir) / "checkpoints").exists():
             _discard_empty_run_dir(cfg, err)
         sys.exit(2)
-    except KeyboardInterrupt:
-        # Ctrl-C outside Trainer.fit (which handles it itself, see PreemptionCheckpoint)
-        _discard_empty_run_dir(cfg)
-        print(
-            "normlab: interrupted by Ctrl-C outside training; nothing more was saved",
-            file=sys.stderr,
-        )
-        sys.exit(128 + int(signal.SIGINT))
+    except (KeyboardInterrupt, _Terminated) as exc:
+        # outside Lightning's fit and test: imports, data loading, checks, eval.py's setup
+        signum = int(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+        print(_stopped(task, cfg, signum), file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
     except SystemExit as exc:
         signum = _interrupt_signal(exc)
         if signum is None:
             raise
+        if not _reported(exc):  # the test phase: Lightning stopped, nothing was saved for it
+            print(_stopped(task, cfg, signum), file=sys.stderr, flush=True)
         sys.exit(128 + signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -17,6 +17,8 @@ from normlab.models.defaults import ACTIVATIONS, MODULE_TARGET
 from normlab.norm.spec import BATCH_STATS
 
 DATA_TARGET = "normlab.data.NormLabDataModule"
+# the nets built from an architecture name (model=torchvision, model=timm)
+NETS_BY_NAME = ("normlab.models.torchvision_net", "normlab.models.timm_net")
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
 PRECISIONS = tuple("32-true bf16-mixed 16-mixed bf16-true 16-true 64-true 32 16 64 bf16".split())
@@ -224,6 +226,37 @@ def validate_convnet(net: Mapping[str, Any]) -> None:
     _choice(net.get("activation"), "model.net.activation", ACTIVATIONS)
 
 
+def _net_by_name(net: Mapping[str, Any], arch: Any, convnet: bool) -> None:
+    """``model.arch`` belongs to the nets built by name (model=torchvision|timm), and none of
+    normlab's nets downloads weights: a download argument would reach the builder offline."""
+    by_name = net.get("_target_") in NETS_BY_NAME
+    if convnet and arch is not None:
+        raise ConfigError(
+            "model.arch",
+            arch,
+            "model=cnn's ConvNet has no architecture name (its shape is model.net.widths and"
+            f" model.net.blocks_per_stage); for a named architecture use model=torchvision"
+            f" model.arch={arch} (or model=timm), or drop model.arch",
+        )
+    if by_name and arch is None and net.get("arch") is None:
+        raise ConfigError(
+            "model.arch",
+            None,
+            "model=torchvision and model=timm build a net by name: give one, e.g."
+            " model.arch=resnet18 (model=timm: model.arch=resnet10t)",
+        )
+    for key in ("weights", "pretrained"):
+        if (convnet or by_name) and net.get(key) not in (None, False):
+            raise ConfigError(
+                f"model.net.{key}",
+                net[key],
+                "normlab downloads nothing at run time and builds every net with fresh weights;"
+                f" remove model.net.{key} and give a local state_dict file as"
+                " model.weights=<file.pth|file.safetensors> (docs/models.md says where torchvision"
+                " and timm keep the files they download)",
+            )
+
+
 def validate_model(model: Mapping[str, Any]) -> None:
     """Check the ``model`` config: NormLabModule's own keys when it is the module, the ConvNet's
     keys when it is the net; a user's module or net is checked by its own constructor."""
@@ -232,6 +265,8 @@ def validate_model(model: Mapping[str, Any]) -> None:
     if _target(model, "model") != MODULE_TARGET:
         return
     net = model.get("net")
+    if net is not None:
+        _net_by_name(net, model.get("arch"), _target(net, "model.net") == CONVNET_TARGET)
     if net is not None and _target(net, "model.net") == CONVNET_TARGET:
         validate_convnet(net)
     if model.get("activation") is not None:

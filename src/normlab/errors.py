@@ -27,3 +27,8 @@ class DivergenceError(NormlabError, FloatingPointError):
 class NormConfigError(ConfigError):
     """A bad ``norm.*`` value, or a norm that does not fit a layer of the model (e.g. a
     ``num_groups`` that does not divide its channels); names the key, the value and the fix."""
+
+
+class SweepJobError(RuntimeError):
+    """A multirun job stopped by a :class:`NormlabError`: Hydra marks the job failed and runs the
+    sweep's other jobs; ``normlab.sweep_summary.SweepSummary`` then names every failed job."""

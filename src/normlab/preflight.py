@@ -20,6 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 SLURM_EXTRA = 'pip install -e ".[slurm]"'
+# a run writes its config, log and checkpoints (the default ConvNet's: about 1 MiB each)
+MIN_FREE_BYTES = 10 * 2**20
 
 
 def _fail(message: str) -> NoReturn:
@@ -29,7 +31,8 @@ def _fail(message: str) -> NoReturn:
 
 def unwritable_reason(directory: str | Path) -> str | None:
     """Why ``directory`` cannot be created or written (None if it can): the nearest existing
-    ancestor is probed with a temp dir, removed at once (as root, permission bits say nothing)."""
+    ancestor is probed with a temp dir, removed at once (as root, permission bits say nothing),
+    and its filesystem must have ``MIN_FREE_BYTES`` free."""
     path = Path(directory).absolute()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
@@ -38,6 +41,12 @@ def unwritable_reason(directory: str | Path) -> str | None:
         Path(tempfile.mkdtemp(dir=existing, prefix=".normlab-probe-")).rmdir()
     except OSError as err:
         return f"{existing}: {err.strerror or err}"
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:  # else Hydra leaves a 0-byte config.yaml and a traceback
+        return (
+            f"{existing} has {free / 2**20:.1f} MiB free, too little for the run's config, log"
+            f" and checkpoints (at least {MIN_FREE_BYTES >> 20} MiB)"
+        )
     return None
 
 
@@ -48,7 +57,8 @@ def check_writable(directory: str | Path, key: str) -> None:
     if reason is not None:
         _fail(
             f"{key}={directory} cannot be created ({reason}), so the run could save nothing."
-            " Fix: set paths.log_dir to a writable directory, e.g. paths.log_dir=$HOME/normlab-logs"
+            " Fix: set paths.log_dir to a writable directory with free space, e.g."
+            " paths.log_dir=$HOME/normlab-logs"
         )
 
 

@@ -48,6 +48,8 @@ RESUME_MAY_CHANGE = (
 )
 # data settings that decide the model's input and output (the rest: where and how it is read)
 DATA_IDENTITY = ("data._target_", "data.name", "data.image_size", "data.synthetic")
+# what a group override (model=..., norm=..., data=...) sets by itself
+GROUP_KEYS = ("model._target_", "model.net._target_", "norm.name", "data.name", "data._target_")
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -83,17 +85,48 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={text.strip(chr(34)) if isinstance(value, str) else text}"
 
 
+# the model group's option that builds each of normlab's nets (configs/model/*.yaml)
+MODEL_OPTIONS = {
+    "normlab.models.ConvNet": "cnn",
+    "normlab.models.torchvision_net": "torchvision",
+    "normlab.models.timm_net": "timm",
+}
+
+
+def _group_options(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, str]:
+    """The config groups (norm, data, model) whose option differs, with the checkpoint's one:
+    ``norm=<name>``, ``data=<name>``, ``model=<option>`` (for a net normlab knows)."""
+    options = {}
+    for group, key in (
+        ("model", "model.net._target_"),
+        ("norm", "norm.name"),
+        ("data", "data.name"),
+    ):
+        if old.get(key) != new.get(key):
+            option = MODEL_OPTIONS.get(old.get(key)) if group == "model" else old.get(key)
+            if isinstance(option, str):
+                options[group] = option
+    return options
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The model, norm and data settings in which a checkpoint's run config (``saved``) and the
-    current one differ, as ``key=<checkpoint's value>`` overrides that would rebuild the
-    checkpoint's model; empty when the checkpoint holds the model this command builds. When the
-    norm (or data set) itself differs, only ``norm=<name>`` (``data=<name>``) is listed."""
+    current one differ, as overrides that, appended to the current command line, rebuild the
+    checkpoint's model; empty when the checkpoint holds the model this command builds. Another
+    norm, data set or net is a group override (``norm=frozen``, ``data=synthetic``,
+    ``model=torchvision``), followed by the checkpoint's own values in that group
+    (``++key=value`` where the current config lacks the key)."""
     old, new = _identity(saved), _identity(current)
-    keys = sorted(set(old) | set(new))
-    for group in ("norm", "data"):
-        if old.get(f"{group}.name") != new.get(f"{group}.name"):
-            keys = [k for k in keys if not k.startswith(f"{group}.") or k == f"{group}.name"]
-    return [_override(k, old.get(k)) for k in keys if old.get(k) != new.get(k)]
+    options = _group_options(old, new)
+    hints = [f"{group}={option}" for group, option in options.items()]
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key.split(".")[0] not in options:
+            hints.append(_override(key, old.get(key)))
+        elif old.get(key) is not None and key not in GROUP_KEYS:  # the group option sets those
+            hints.append(("" if key in new else "++") + _override(key, old[key]))
+    return hints
 
 
 def _refused_differences(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
+from normlab.models.first_batch import check_first_batch, check_num_classes
 from normlab.norm.sync import SyncBatchNormKeepingActivations
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoint_fit import check_classes, check_resume_fits
@@ -175,6 +176,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg.data, cfg.seed, trusted)
     if hasattr(datamodule, "check_usable"):  # classes, a training step, a test split
         datamodule.check_usable(train=cfg.train, test=cfg.test)
+    check_num_classes(datamodule)  # a user's DataModule too
 
     net = (cfg.model.get("net") or {}).get("_target_", "")
     log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
@@ -186,6 +188,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         strict = cfg.get("ckpt_strict", True)
         data = (datamodule, _data_source(cfg.data)) if strict else (None, "")
         check_resume_fits(ckpt_path, model, bool(cfg.get("train")), *data)
+    check_first_batch(model, datamodule, train=cfg.train)  # the data fits the net, before fit
 
     trainer = build_trainer(cfg)  # the model brings its own callbacks (configure_callbacks)
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))

@@ -240,6 +240,7 @@ class SweepSummary(Callback):
         if not isinstance(png, bool):
             raise TypeError(f"SweepSummary(png={png!r}): expected true or false")
         self.png = png
+        self.failed: list[str] = []  # one line per job normlab refused, said at the sweep's end
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # Hydra skips on_multirun_end when a job failed: keep summary.csv current after every
@@ -251,6 +252,24 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         if hydra_cfg.mode == RunMode.MULTIRUN and sweep_dir.is_dir():
             write_summary(sweep_dir, png=False)
+        self._take_failure(hydra_cfg, job_return)
+
+    def _take_failure(self, hydra_cfg: Any, job_return: Any) -> None:
+        """A job normlab refused (SweepJobError) under Hydra's basic sweeper, which would stop at
+        it with a traceback: marked done here, and named with the others at the sweep's end.
+        Other sweepers (e.g. Optuna) keep the failure: they act on it."""
+        from hydra.core.utils import JobStatus
+
+        from normlab.errors import SweepJobError
+
+        basic = str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper")
+        failure = getattr(job_return, "_return_value", None)
+        if basic and job_return.status == JobStatus.FAILED and isinstance(failure, SweepJobError):
+            self.failed.append(
+                f"job {hydra_cfg.job.num} ({' '.join(job_return.overrides)}; its dir"
+                f" {hydra_cfg.runtime.output_dir}): {failure}"
+            )
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -264,6 +283,14 @@ class SweepSummary(Callback):
             f" ({failed} failed)" if failed else "",
             sweep_dir / "summary.csv",
         )
+        if self.failed:
+            print(
+                f"normlab: error: {len(self.failed)} of {len(rows)} sweep jobs failed (the others"
+                f" ran; {sweep_dir / 'summary.csv'} lists them all): {'; '.join(self.failed)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,9 @@ class BatchNormStats(Callback):
     - at the start, TensorBoard's custom-scalars layout (the "Custom Scalars" dashboard: per
       layer, each statistic's mean +- std and the train/test gap).
 
+    NaN or infinite values (non-finite activations, see ``DivergenceGuard``) show in the scalars
+    as nan/inf; histograms hold the finite values only, and one warning per statistic names them.
+
     Both kinds are also written when training starts (the initial values, step 0) and at the end
     of every training epoch, after validation: the values that epoch's checkpoint saves, also
     after precise BN / distribute BN rewrote them. Each logging step costs one device-to-host
@@ -98,6 +101,7 @@ class BatchNormStats(Callback):
         self._active = False
         self._last = {"histograms": -1, "scalars": -1}
         self._optimizer_steps = -1
+        self._non_finite: set[tuple[str, str]] = set()  # (layer, stat) already warned about
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = {"histograms": -1, "scalars": -1}
@@ -159,16 +163,37 @@ class BatchNormStats(Callback):
                 if scalars:
                     metrics[layer_tag(name, stat)] = float(v)
                 continue
-            for writer in writers:
-                add_histogram(writer, layer_tag(name, stat), v, step)
+            finite = np.isfinite(v)
+            if not finite.all():
+                self._warn_non_finite(name, stat, v)
+            for writer in writers if finite.any() else []:
+                add_histogram(writer, layer_tag(name, stat), v[finite], step)
             if scalars:
-                metrics.update(summary_scalars(name, stat, float(v.mean()), float(v.std())))
+                with np.errstate(invalid="ignore"):  # inf - inf: the std of inf values is nan
+                    mean, std = float(v.mean()), float(v.std())
+                metrics.update(summary_scalars(name, stat, mean, std))
                 metrics.update(self._channels(name, stat, v))
         if scalars:
             log_scalars(trainer, metrics, step)
             self._last["scalars"] = step
         if histograms:
             self._last["histograms"] = step
+
+    def _warn_non_finite(self, name: str, stat: str, v: np.ndarray) -> None:
+        # NaN/inf statistics are a symptom (DivergenceGuard names the cause when the loss
+        # follows): the histogram shows the finite channels, the scalars show nan/inf
+        if (name, stat) in self._non_finite:
+            return
+        self._non_finite.add((name, stat))
+        bad = int((~np.isfinite(v)).sum())
+        log.warning(
+            "BatchNormStats: %s holds %d NaN/inf value(s) of %d; its histogram shows the finite"
+            " ones. Non-finite statistics come from non-finite or huge activations (inputs"
+            " that are not finite or badly scaled, a learning rate too high, a precision too low)",
+            layer_tag(name, stat),
+            bad,
+            v.size,
+        )
 
     def _channels(self, name: str, stat: str, v: np.ndarray) -> dict[str, float]:
         if not self.per_channel or v.size > self.max_channels:

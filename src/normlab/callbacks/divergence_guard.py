@@ -19,7 +19,8 @@ class DivergenceGuard(Callback):
     The check runs in ``on_before_backward``: the bad step is never applied to the weights, and no
     checkpoint is written after it, so ``checkpoints/last.ckpt`` (if an epoch finished) still holds
     the last good weights. The message names the global step, epoch and batch, the loss value, the
-    likely causes (learning rate, missing normalization, unscaled inputs) and that checkpoint.
+    likely causes (a half ``trainer.precision``, learning rate, missing normalization, unscaled
+    inputs) and that checkpoint.
     Under DDP the ranks agree on the decision (one collective per step), so none is left waiting.
 
     Logs nothing. Args:
@@ -70,6 +71,15 @@ class DivergenceGuard(Callback):
             f"a learning rate too high for this model (model.optimizer.lr={lr}: try 10x smaller,"
             " or trainer.gradient_clip_val=1.0)"
         ]
+        precision = str(trainer.precision)
+        if precision in ("16-true", "bf16-true"):  # the most likely cause comes first
+            causes.insert(
+                0,
+                f"the precision (trainer.precision={precision} keeps weights, BatchNorm"
+                " statistics and optimizer state in half precision, where small updates round"
+                " away and variances overflow or lose their digits): use"
+                " trainer.precision=bf16-mixed (or 16-mixed on a GPU), or 32-true",
+            )
         if norm == "none":
             causes.append(
                 "no normalization (norm=none): without BatchNorm nothing keeps activations and"

@@ -60,6 +60,7 @@ class PreemptionCheckpoint(Callback):
             return
         trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # full state: resumable
         self.saved = self.ckpt_path
+        exception.normlab_reported = True  # the entry point prints no message of its own
         command = ["python", Path(sys.argv[0]).name]
         command += [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("ckpt_path=")]
         self._report(
@@ -72,5 +73,10 @@ class PreemptionCheckpoint(Callback):
 
     @rank_zero_only
     def _report(self, message: str) -> None:
-        log.warning(message)
+        # on stderr once, and into the run's log file; log.warning would also reach Hydra's
+        # console handler and print the message twice
         print(message, file=sys.stderr, flush=True)
+        record = log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)

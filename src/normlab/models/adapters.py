@@ -303,6 +303,49 @@ def takes(target: Any, name: str) -> bool:
         return False
 
 
+def _config_key(name: str) -> str:
+    # NormLabModule hands model.arch / model.activation to the net as arch / activation
+    return f"model.{name}" if name in ("arch", "activation") else f"model.net.{name}"
+
+
+def check_arguments(target: Any, name: str, kwargs: Mapping[str, Any], num_classes: int) -> None:
+    """Refuse, before calling it, a constructor that would reject ``kwargs``: a key it does not
+    take, or a parameter without default that nothing fills (a user net's ``n_cls``), naming
+    the parameters it takes and how to map the data's values onto them.
+
+    Raises:
+        ConfigError: names the ``model.net.*`` key and the constructor's parameters.
+    """
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let it speak for itself
+        return
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    signature = ", ".join(p.name for p in named) or "no arguments"
+    unknown = [k for k in kwargs if k not in {p.name for p in named}]
+    if unknown and not takes_any:
+        key = unknown[0]
+        raise ConfigError(
+            _config_key(key),
+            kwargs[key],
+            f"{name} takes no argument {key!r} (it takes: {signature}); remove"
+            f" {_config_key(key)} or rename it to one of those",
+        )
+    missing = [p.name for p in named if p.default is p.empty and p.name not in kwargs]
+    if missing:
+        key = missing[0]
+        raise ConfigError(
+            "model.net._target_",
+            name,
+            f"its constructor needs {key!r}, which the config does not give (it takes:"
+            f" {signature}; normlab fills num_classes, in_channels, norm_layer and conv_bias"
+            f" only under those names). Map it in the model config, e.g. {key}:"
+            f" ${{data.num_classes}} when it is the number of classes ({num_classes} for this"
+            f" data; on the command line +model.net.{key}={num_classes})",
+        )
+
+
 def build_net(
     cfg: Mapping[str, Any],
     num_classes: int,
@@ -323,6 +366,7 @@ def build_net(
     for key, value in offered.items():
         if key not in kwargs and takes(target, key):
             kwargs[key] = value() if callable(value) else value
+    check_arguments(target, cfg["_target_"], kwargs, num_classes)
     net = target(**kwargs)
     if not isinstance(net, nn.Module):
         raise ConfigError(
