@@ -59,10 +59,16 @@ def test_ddp_sim_multirun_runs_each_job_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep dir
     # summary.*: the parent's SweepSummary callback, once (DDP children run no multirun)
-    jobs_and_summary = ["0", "1", "multirun.yaml", "summary.csv", "summary.png"]
+    jobs_and_summary = [
+        "multirun.yaml",
+        "norm=batchnorm",
+        "norm=none",
+        "summary.csv",
+        "summary.png",
+    ]
     assert sorted(p.name for p in sweep.iterdir()) == jobs_and_summary
     norms = []
-    for job in ("0", "1"):
+    for job in ("norm=none", "norm=batchnorm"):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["run_dir"] == str(sweep / job)
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()

@@ -36,6 +36,11 @@ def register_resolvers() -> None:
     register_configs()
     if not OmegaConf.has_resolver("normlab_pid"):
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("normlab_job_name"):
+        from normlab.job_names import job_dir_name
+
+        # cached: resolved once per job, before its dir exists
+        OmegaConf.register_new_resolver("normlab_job_name", job_dir_name, use_cache=True)
 
 
 def _number(
