@@ -42,6 +42,11 @@ def swept_keys(overrides: Iterable[str], params: Mapping[str, Any] | None = None
     return sorted({*keys, *(params or {})})
 
 
+def current_swept_keys() -> list[str]:
+    """The keys the multirun this process belongs to varies; empty for a single run."""
+    return [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k]
+
+
 def job_name(
     job_overrides: Iterable[str],
     swept: Iterable[str] | None,
