@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import validate_eval_config, validate_train_config
 from normlab.errors import ConfigError, NormlabError
+from normlab.extras import apply_extras
 
 log = logging.getLogger("normlab")
 
@@ -106,6 +107,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
             validate_train_config(container)
         else:
             validate_eval_config(container)
+        apply_extras(cfg)
         check_checkpoint_arg(task, cfg, container)
         log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
         from normlab import run
