@@ -37,36 +37,41 @@ def _discard_empty_run_dir(cfg: DictConfig) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def check_checkpoint_arg(task: str, cfg: DictConfig, container: dict[str, Any]) -> None:
+def check_checkpoint_arg(
+    task: str, cfg: DictConfig, container: dict[str, Any]
+) -> list[tuple[int, str]]:
     """Fail before the heavy imports when ``ckpt_path`` cannot be used: a file that
     ``torch.load(weights_only=True)`` cannot read as a normlab checkpoint, or (train.py) one that
     holds another model than the command builds, or has nothing left to train. ``last`` is
-    resolved here, once, to the checkpoint it picks, and the log says which and why."""
+    resolved here, once, to the checkpoint it picks; returns the log lines that say which and
+    why, ``(level, message)``, for the caller to print after the run dir."""
     from normlab.utils.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
-        return
+        return []
     if task != "train":
         load_checkpoint(ckpt_path)
-        return
+        return []
     resuming = bool(container.get("train", True))  # train=false only tests the checkpoint
     if ckpt_path == "last":
         task_dir = Path(cfg.paths.log_dir) / cfg.task_name
         path, passed_over = find_last_checkpoint(
             task_dir, Path(cfg.paths.output_dir), current=container, resuming=resuming
         )
-        for line in passed_over:
-            log.warning("ckpt_path=last: passed over %s", line)
-        log.info(
-            "ckpt_path=last: %s %s, the newest last.ckpt under %s that holds this command's model",
-            "resuming" if resuming else "testing",
-            path,
-            task_dir,
+        lines = [(logging.WARNING, f"ckpt_path=last: passed over {line}") for line in passed_over]
+        verb = "resuming" if resuming else "testing"
+        lines.append(
+            (
+                logging.INFO,
+                f"ckpt_path=last: {verb} {path}, the newest last.ckpt under {task_dir} that holds"
+                " this command's model",
+            )
         )
         cfg.ckpt_path = str(path)
-        return
+        return lines
     check_resumable(load_checkpoint(ckpt_path), Path(ckpt_path), container, resuming=resuming)
+    return []
 
 
 def _interrupt_signal(exc: SystemExit) -> int | None:
@@ -108,8 +113,10 @@ def run_task(task: str, cfg: DictConfig) -> Any:
         else:
             validate_eval_config(container)
         apply_extras(cfg)
-        check_checkpoint_arg(task, cfg, container)
+        checkpoint_notes = check_checkpoint_arg(task, cfg, container)
         log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
+        for level, message in checkpoint_notes:
+            log.log(level, message)
         from normlab import run
 
         started = True
