@@ -149,3 +149,15 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.sync_batchnorm is True
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+def test_help_lists_the_users_choices_not_the_structured_configs() -> None:
+    # `python train.py --help` prints hydra.help.template, resolved while Hydra is initialized
+    os.environ.setdefault("NORMLAB_ROOT", str(ROOT))
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+        text = cfg.hydra.help.template
+    assert "\nmodel: cnn, timm, torchvision\n" in text
+    assert "normlab_cnn" not in text and "normlab_module" not in text
+    assert "hydra/" not in text and "$CONFIG" in text

@@ -81,3 +81,56 @@ def test_documented_command_composes_and_validates(where: str, command: str, tmp
             if fails:
                 continue
             raise AssertionError(f"{where}: {command}\n{type(err).__name__}: {err}") from err
+
+
+# -- Python snippets -------------------------------------------------------------------------
+
+PY_FENCE = re.compile(r"```python\n(.*?)```", re.S)
+
+
+def documented_snippets() -> list[tuple[str, str]]:
+    """(page:line, code) of every fenced Python block of README.md and docs/."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for block in PY_FENCE.finditer(text):
+            line = text[: block.start()].count("\n") + 2
+            found.append((f"{page.relative_to(ROOT)}:{line}", block.group(1)))
+    return found
+
+
+SNIPPETS = documented_snippets()
+
+
+@pytest.fixture(scope="module")
+def docs_run(tmp_path_factory) -> Path:
+    """A run dir as the docs' snippets name it (``RUN``): ``checkpoints/last.ckpt`` of the
+    default model, built in-process (untrained: the snippets' code, not their numbers, is what
+    this checks)."""
+    import torch
+
+    from normlab.models import NormLabModule
+
+    run = tmp_path_factory.mktemp("RUN")
+    model = NormLabModule(num_classes=10, in_channels=1, norm={"name": "batchnorm"})
+    (run / "checkpoints").mkdir()
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save(payload, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def test_the_docs_show_python_snippets() -> None:
+    assert len(SNIPPETS) >= 3, SNIPPETS
+
+
+@pytest.mark.parametrize("where, code", SNIPPETS, ids=[w for w, _ in SNIPPETS])
+def test_documented_python_snippet_runs(where: str, code: str, docs_run: Path, capsys) -> None:
+    """Every Python block runs as shown, with what the page says it assumes: ``RUN`` (a run
+    dir), and ``nn`` (torch.nn) for a class outline whose body is ``...``."""
+    from torch import nn
+
+    namespace = {"__name__": "docs_snippet", "RUN": str(docs_run), "nn": nn}
+    try:
+        exec(compile(code, where, "exec"), namespace)
+    except Exception as err:
+        raise AssertionError(f"{where}:\n{code}\n{type(err).__name__}: {err}") from err

@@ -74,6 +74,35 @@ def check_checkpoint_arg(
     return []
 
 
+def config_groups_help() -> str:
+    """``--help``'s list of config groups and their options, as Hydra's ``$APP_CONFIG_GROUPS``
+    writes it (a user's own config dirs included) but without the structured configs that model
+    files start from (``normlab_cnn``, ``normlab_module``), which are no choice of their own."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from normlab.models.defaults import INTERNAL_MODEL_CONFIGS
+
+    loader = GlobalHydra.instance().config_loader()
+
+    def groups(parent: str) -> list[str]:
+        found = []
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if loader.get_group_options(group, ObjectType.CONFIG):
+                found.append(group)
+            found += groups(group)
+        return found
+
+    lines = []
+    for group in sorted(g for g in groups("") if not g.startswith("hydra")):
+        options = sorted(loader.get_group_options(group))
+        if group == "model":
+            options = [o for o in options if o not in INTERNAL_MODEL_CONFIGS]
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def _interrupt_signal(exc: SystemExit) -> int | None:
     """The signal behind Lightning's exit from ``Trainer.fit``: SIGTERM (``SIGTERMException``)
     or SIGINT (``sys.exit(1)`` while handling KeyboardInterrupt); None for any other exit."""

@@ -36,6 +36,10 @@ def register_resolvers() -> None:
     register_configs()
     if not OmegaConf.has_resolver("normlab_pid"):
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("normlab_config_groups"):
+        from normlab.cli import config_groups_help
+
+        OmegaConf.register_new_resolver("normlab_config_groups", config_groups_help)
     if not OmegaConf.has_resolver("normlab_job_name"):
         from normlab.job_names import job_dir_name
 
