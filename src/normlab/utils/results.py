@@ -96,10 +96,11 @@ def hparams_row(
 
 def shown_columns(row: Mapping[str, Any], swept: Sequence[str] = ()) -> list[str]:
     """The hparam columns TensorBoard shows without ticking anything: the keys the sweep varies
-    (a swept group such as ``norm`` by its ``norm.name``), then ``HPARAM_SHOWN``, at most
-    ``SHOWN_COLUMNS``."""
+    (a swept group such as ``norm`` by its ``norm.name``), then those of ``HPARAM_SHOWN`` that
+    the run has (``model.arch`` is blank for the ConvNet), at most ``SHOWN_COLUMNS``."""
     shown: list[str] = []
-    for key in [*swept, *HPARAM_SHOWN]:
+    wanted = [*swept, *(k for k in HPARAM_SHOWN if row.get(k) != "")]
+    for key in wanted:
         column = key if key in row else f"{key}.name" if f"{key}.name" in row else None
         if column and column not in shown:
             shown.append(column)
