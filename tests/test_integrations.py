@@ -116,6 +116,7 @@ def test_wandb_logger_writes_an_offline_run_with_config_and_metrics(train_run) -
     records = wandb_records(path)
     (info,) = [r.run for r in records if r.HasField("run")]
     assert (info.project, info.run_group, list(info.tags)) == ("normlab", "train", ["dev"])
+    assert info.display_name == run.run_dir.name  # named as its run dir
     config = {
         key(u): json.loads(u.value_json)
         for r in records
@@ -144,6 +145,7 @@ def test_mlflow_logger_writes_a_run_mlflows_client_reads(train_run, tmp_path: Pa
     experiment = client.get_experiment_by_name("train")
     (found,) = client.search_runs([experiment.experiment_id])
     assert found.info.status == "FINISHED"
+    assert found.info.run_name == run.run_dir.name  # named as its run dir
     assert found.data.params["norm.name"] == "groupnorm"
     assert found.data.tags["run_dir"] == str(run.run_dir)
     for key in ("val/acc", "test/acc"):

@@ -40,6 +40,10 @@ def register_resolvers() -> None:
         from normlab.cli import config_groups_help
 
         OmegaConf.register_new_resolver("normlab_config_groups", config_groups_help)
+    if not OmegaConf.has_resolver("normlab_run_name"):
+        from normlab.job_names import run_name
+
+        OmegaConf.register_new_resolver("normlab_run_name", run_name)
     if not OmegaConf.has_resolver("normlab_job_name"):
         from normlab.job_names import job_dir_name
 

@@ -94,6 +94,13 @@ def job_dir_name(num: Any) -> str:
     return name
 
 
+def run_name(run_dir: str) -> str:
+    """Resolver ``${normlab_run_name:${paths.output_dir}}``: the name of the run's dir
+    (``norm=frozen`` in a sweep, ``<timestamp>_<pid>`` for a single run), for loggers that name
+    runs (W&B, MLflow)."""
+    return Path(run_dir).name
+
+
 class SweptKeys(Callback):
     """Hydra callback (``configs/hydra/default.yaml``): at the start of a multirun, record which
     keys it sweeps, for :func:`job_dir_name`."""
