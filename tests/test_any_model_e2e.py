@@ -113,8 +113,14 @@ def test_a_users_model_and_data_from_their_own_config_dir(tmp_path: Path) -> Non
     )
     assert train.returncode == 0, train.output[-3000:]
     ckpt = train.results["checkpoints"]["last"]
+    # a checkpoint names my_project's classes: eval.py builds them once the user names them
     evaluated = run_script(
-        "eval.py", "trainer=cpu", f"ckpt_path={ckpt}", run_dir=tmp_path / "eval", env=env
+        "eval.py",
+        "trainer=cpu",
+        f"ckpt_path={ckpt}",
+        "trusted_targets=[my_project]",
+        run_dir=tmp_path / "eval",
+        env=env,
     )
     assert evaluated.returncode == 0, evaluated.output[-3000:]
     test_acc = train.results["metrics"]["test/acc"]
@@ -123,3 +129,18 @@ def test_a_users_model_and_data_from_their_own_config_dir(tmp_path: Path) -> Non
     state = last_state(train.run_dir)
     assert {"net.block1.bn.running_mean", "net.block2.bn.running_mean"} <= set(state)
     assert any("net.block2.bn/running_var" in tag for tag in scalar_tags(train.run_dir))
+    # without examples/ on the path: the package to put there, not an import traceback
+    unfound = run_script(
+        "eval.py",
+        "trainer=cpu",
+        f"ckpt_path={ckpt}",
+        "trusted_targets=[my_project]",
+        run_dir=tmp_path / "eval_no_path",
+        env={"PYTHONPATH": str(ROOT / "src")},
+    )
+    assert unfound.returncode == 2 and "Traceback" not in unfound.output
+    assert (
+        "normlab: error: data._target_='my_project.data.BlobsDataModule' is not valid: Python"
+        " cannot import its package 'my_project': put the directory that holds my_project/ on"
+        " PYTHONPATH"
+    ) in unfound.stderr

@@ -59,7 +59,9 @@ def test_ddp_sim_multirun_runs_each_job_once(tmp_path: Path) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep dir
     # summary.*: the parent's SweepSummary callback, once (DDP children run no multirun)
+    # .lock: the sweep dir belongs to this sweep while it runs (normlab/run_dir.py)
     jobs_and_summary = [
+        ".lock",
         "multirun.yaml",
         "norm=batchnorm",
         "norm=none",

@@ -136,7 +136,7 @@ def test_bad_input_fails_clearly(case: tuple, bad_runs: dict[str, Run]) -> None:
 
 
 def test_divergence_guard_rejects_bad_args() -> None:
-    from normlab.callbacks.divergence import DivergenceGuard
+    from normlab.callbacks.divergence_guard import DivergenceGuard
 
     with pytest.raises(ValueError, match="at least 1"):
         DivergenceGuard(check_every_n_steps=0)
@@ -157,10 +157,19 @@ IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
      ["data.std=[inf]", "finite number"]),
     ("custom_mean_nan", ["data.scaling=custom", "data.mean=[nan]", "data.std=[0.3]"], "",
      ["data.mean=[nan]", "finite number"]),
+    ("synthetic_noise_inf", ["data=synthetic", "+data.synthetic.noise_std=inf"], "",
+     ["data.synthetic.noise_std=inf", "finite number"]),
+    ("synthetic_noise_nan", ["data=synthetic", "+data.synthetic.noise_std=nan"], "",
+     ["data.synthetic.noise_std=nan", "finite number"]),
+    ("norm_key_not_taken", ["norm=layernorm", "+norm.num_groups=4"], "",
+     ["norm.num_groups=4", "norm=layernorm does not use it (it takes eps, affine, keep_affine)",
+      "groupnorm"]),
     ("folder_three_images", ["data=imagefolder", "data.data_dir={tmp}"], "three",
      ["training split holds 1 image(s) of 3", "data.data_dir", "data.val_fraction"]),
     ("folder_test_fraction_zero", ["data=imagefolder", "data.data_dir={tmp}",
      "data.test_fraction=0"], "ok", ["no test split", "data.test_fraction=0", "test=false"]),
+    ("folder_symlink_loop", ["data=imagefolder", "data.data_dir={tmp}"], "loop",
+     ["cat/loop is a symbolic link to", "rm ", "cat/loop"]),
     ("folder_empty_class", ["data=imagefolder", "data.data_dir={tmp}"], "empty_class",
      ["class folder(s) without images", "/owl", "remove them"]),
     # values that ended in a traceback
@@ -207,7 +216,9 @@ def _folder(root: Path, layout: str) -> None:
     for c, n in zip(("cat", "dog"), counts, strict=False):
         for i in range(n):
             png(root / c / f"{i}.png", 40 * i)
-    if layout == "empty_class":
+    if layout == "loop":  # 12 images became 492, dog images labelled cat
+        os.symlink("..", root / "cat" / "loop")
+    elif layout == "empty_class":
         (root / "owl").mkdir()
     elif layout == "text_jpg":
         (root / "dog" / "notes.jpg").write_text("a text file, not a JPEG\n")
@@ -242,6 +253,35 @@ def test_bad_input_in_process(case: tuple, tmp_path: Path, capsys) -> None:
         assert list(run_dir.rglob("results.json")) + list(run_dir.rglob("*.ckpt")) == []
     else:  # nothing ran: no run dir at all
         assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "override, fixed",
+    [
+        ('model.weights="~/w.pth"', "cannot read it as a state_dict file"),
+        ('ckpt_path="~/c.ckpt"', "is not a normlab checkpoint"),
+        ('norm.init_from="~/c.ckpt"', "is not a normlab checkpoint"),
+    ],
+)
+def test_tilde_means_home_in_every_file_key(
+    override: str, fixed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``~`` is the user's home in each key that names a file (it was expanded only in
+    norm.init_from; model.weights and ckpt_path answered 'no such file')."""
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("w.pth", "c.ckpt"):
+        (home / name).write_text("not tensors")
+    monkeypatch.setenv("HOME", str(home))
+    norm = ["norm=frozen"] if override.startswith("norm.") else []
+    _, cfg = compose_train(["trainer=cpu", *norm, override], tmp_path / "run")
+    with pytest.raises(SystemExit):
+        run_task("train", cfg)
+    err = capsys.readouterr().err
+    assert fixed in err and str(home) in err and "no such file" not in err, err
 
 
 # -- before Hydra creates anything: an unwritable run dir, a SLURM launcher without SLURM -------

@@ -27,10 +27,11 @@ from normlab.norm import (
     validate_norm_config,
 )
 from normlab.norm.stats import apply_population_stats, estimate_population_stats
+from tests.conftest import ROOT
 
 
 def small_cnn(norm: str = "batchnorm") -> nn.Sequential:
-    factory = make_norm_factory({"name": norm, "num_groups": 2})
+    factory = make_norm_factory({"name": norm, "num_groups": 2 if norm == "groupnorm" else None})
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False),
         factory(8),
@@ -93,9 +94,7 @@ def test_batchnorm_momentum_cumulative_is_cumulative_average() -> None:
 
 def test_factory_types_and_options() -> None:
     assert isinstance(make_norm_factory({"name": "none"})(8), nn.Identity)
-    bn = make_norm_factory(
-        {"name": "batchnorm", "momentum": 0.3, "eps": 1e-3, "affine": False, "extra": 1}
-    )(8)
+    bn = make_norm_factory({"name": "batchnorm", "momentum": 0.3, "eps": 1e-3, "affine": False})(8)
     assert (bn.momentum, bn.eps, bn.affine, bn.weight) == (0.3, 1e-3, False, None)
     fz = make_norm_factory({"name": "frozen", "eps": 1e-4, "freeze_affine": True})(8)
     assert isinstance(fz, FrozenBatchNorm2d) and fz.eps == 1e-4 and fz.freeze_affine
@@ -110,7 +109,7 @@ def test_factory_types_and_options() -> None:
 
 @pytest.mark.parametrize("name", ["groupnorm", "layernorm"])
 def test_groupnorm_layernorm_have_no_running_stats(name: str) -> None:
-    layer = make_norm_factory({"name": name, "num_groups": 4})(8)
+    layer = make_norm_factory({"name": name, "num_groups": 4 if name == "groupnorm" else None})(8)
     assert [n for n, _ in layer.named_buffers()] == []
     assert sorted(layer.state_dict()) == ["bias", "weight"]
 
@@ -200,16 +199,33 @@ def fake_checkpoint(path: Path, state_dict: dict, norm: str = "batchnorm") -> Pa
 
 
 def test_validate_init_from_must_be_a_checkpoint_with_statistics(tmp_path: Path) -> None:
+    from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"norm.init_from=.*notes.txt is not a normlab"):
-        validate_norm_config({"name": "frozen", "init_from": str(text)})
+        init_from_state_dict(str(text))
     gn = fake_checkpoint(tmp_path / "gn.ckpt", {"net.1.weight": torch.ones(2)}, norm="groupnorm")
     with pytest.raises(CheckpointError, match="no BatchNorm running statistics.*norm=groupnorm"):
-        validate_norm_config({"name": "frozen", "init_from": str(gn)})
+        init_from_state_dict(str(gn))
     # a model rebuilt from a checkpoint (eval.py) does not need the init_from file any more
     text.unlink()
     assert isinstance(make_norm_factory({"name": "frozen", "init_from": str(text)})(4), nn.Module)
+
+
+def test_init_from_is_read_once_while_the_file_is_unchanged(tmp_path: Path) -> None:
+    """The config check and the fit start both ask for norm.init_from's statistics: one read."""
+    import os
+
+    from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
+    path = fake_checkpoint(tmp_path / "bn.ckpt", {"net.1.running_mean": torch.zeros(2)})
+    first = init_from_state_dict(str(path))
+    assert init_from_state_dict(str(path)) is first
+    fake_checkpoint(path, {"net.1.running_mean": torch.ones(3)})  # rewritten: read again
+    os.utime(path, ns=(1, 1))
+    again = init_from_state_dict(str(path))
+    assert again is not first and again["net.1.running_mean"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_validate_accepts_good_configs(tmp_path: Path) -> None:
@@ -217,7 +233,7 @@ def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     good = [
         ({"name": "none"}, {}),
         (
-            {"name": "batchnorm", "momentum": None, "freeze_at_epoch": 4, "x": "ignored"},
+            {"name": "batchnorm", "momentum": None, "freeze_at_epoch": 4, "num_groups": None},
             {"max_epochs": 5},
         ),
         ({"name": "batchnorm", "momentum": 0, "precise_bn_batches": 0}, {}),
@@ -228,6 +244,33 @@ def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     ]
     for cfg, kwargs in good:
         validate_norm_config(cfg, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key", "expected"),
+    [
+        ({"name": "layernorm", "num_groups": 4}, "num_groups", "norm=layernorm does not use it"),
+        ({"name": "batchnorm", "init_from": "x.ckpt"}, "init_from", "a norm that does (frozen)"),
+        ({"name": "none", "eps": 1e-3}, "eps", "norm=none does not use it (it takes fold)"),
+        ({"name": "groupnorm", "num_groups": 8, "epsilon": 1}, "epsilon", "(none does)"),
+    ],
+)
+def test_a_key_the_norm_does_not_take_is_refused(cfg: dict, key: str, expected: str) -> None:
+    """It was silently ignored (``norm=layernorm +norm.num_groups=4`` trained a LayerNorm)."""
+    with pytest.raises(NormConfigError, match=f"norm.{key}=") as info:
+        validate_norm_config(cfg)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_every_norm_declares_the_keys_of_its_config_file(name: str) -> None:
+    """configs/norm/<name>.yaml sets only keys its norm takes (NORM_KEYS is the table)."""
+    import yaml
+
+    from normlab.norm.schema import NORM_KEYS
+
+    text = (ROOT / "configs" / "norm" / f"{name}.yaml").read_text()
+    assert set(yaml.safe_load(text)) - {"name"} <= set(NORM_KEYS[name])
 
 
 # --- FrozenBatchNorm2d -------------------------------------------------------------------------
@@ -448,9 +491,10 @@ def test_population_stats_are_accumulated_in_float64() -> None:
 
 def test_population_stats_rejects_bad_arguments() -> None:
     model = nn.Sequential(nn.BatchNorm2d(3))
-    with pytest.raises(ValueError, match=r"num_batches=0 must be >= 1"):
+    with pytest.raises(ValueError, match=r"^num_batches=0 must be >= 1$"):
         estimate_population_stats(model, uneven_batches(), num_batches=0)
-    with pytest.raises(ValueError, match="got no batches"):
+    # anchored: mutmut's XX...XX affix around the message must fail it too
+    with pytest.raises(ValueError, match=r"^estimate_population_stats got no batches$"):
         estimate_population_stats(model, [], num_batches=3)
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, affine=False))
     model[2].track_running_stats, model[2].running_mean, model[2].running_var = False, None, None
@@ -469,3 +513,55 @@ def test_acc_is_the_fraction_of_correct_predictions() -> None:
     for stage in ("train_", "val_", "test_"):
         model.accuracy[stage].update(logits, labels)
         assert model.accuracy[stage].compute().item() == pytest.approx(3 / 4)
+
+
+# --- the norm spec: every norm.* key once ------------------------------------------------------
+
+
+def test_every_norm_yaml_lists_the_spec_keys_of_its_norm_with_their_defaults() -> None:
+    import yaml
+
+    from normlab.norm.spec import NORMS, defaults
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "norm"
+    files = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert files == sorted(NORMS)
+    for name in NORMS:
+        assert yaml.safe_load((folder / f"{name}.yaml").read_text()) == defaults(name), name
+
+
+def test_spec_derives_resume_hparams_and_fresh_settings() -> None:
+    from normlab.norm.registry import FRESH
+    from normlab.resume import RESUME_MAY_CHANGE
+    from normlab.utils.results import hparams_row
+
+    assert FRESH == {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
+    norm_may_change = {k for k in RESUME_MAY_CHANGE if k.startswith("norm.")}
+    assert norm_may_change == {
+        "norm.calibration_batches", "norm.init_from", "norm.precise_bn_batches",
+        "norm.distribute_bn", "norm.freeze_at_epoch",
+    }  # fmt: skip
+    row = hparams_row({"norm": {"name": "groupnorm", "num_groups": 4}})
+    norm_columns = [k for k in row if k.startswith("norm.")]
+    assert norm_columns == [
+        "norm.name", "norm.momentum", "norm.eps", "norm.affine", "norm.num_groups",
+        "norm.precise_bn_batches", "norm.distribute_bn", "norm.freeze_at_epoch",
+        "norm.calibration_batches", "norm.init_from", "norm.freeze_affine",
+    ]  # fmt: skip
+    assert (row["norm.num_groups"], row["norm.momentum"]) == (4, "")
+
+
+def test_spec_checks_every_key_it_lists() -> None:
+    from normlab.norm.spec import KEYS
+
+    bad = {"name": "x", "momentum": 2, "eps": -1.0, "affine": 1, "track_running_stats": "no",
+           "num_groups": 0, "precise_bn_batches": -2, "distribute_bn": "yes",
+           "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
+           "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
+           "virtual_batch_size": 0, "keep_affine": "yes", "fold": 1}  # fmt: skip
+    for key in KEYS:  # each value refused by its own check, under a norm that takes the key
+        norm = key.norms[0] if key.name != "name" else "batchnorm"
+        cfg = {"name": norm, key.name: bad[key.name]}
+        with pytest.raises(NormConfigError, match=rf"norm\.{key.name}=") as info:
+            validate_norm_config(cfg)
+        assert "does not use it" not in str(info.value), info.value

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from normlab.errors import CheckpointError
-from normlab.utils.checkpoints import check_resumable, config_differences, find_last_checkpoint
+from normlab.resume import check_resumable, config_differences, find_last_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 STEPS_PER_EPOCH = 5
@@ -104,7 +104,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
-    from normlab.callbacks.rng_state import RNGStateCheckpoint
+    from normlab.callbacks.rng_state_checkpoint import RNGStateCheckpoint
 
     def draw() -> tuple:
         mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True)
@@ -126,21 +126,6 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
     assert got[2] == expected[2]
 
 
-def test_a_reused_run_dir_starts_fresh_unless_asked_to_resume(tmp_path) -> None:
-    # Lightning resumes fit(ckpt_path=None) from "last" when an OnExceptionCheckpoint is present;
-    # normlab's preemption callback is not one, so only ckpt_path= resumes
-    from tests.conftest import FAST, run_script
-
-    first = run_script("train.py", *FAST, run_dir=tmp_path / "run")
-    assert first.returncode == 0, first.output[-2000:]
-    again = run_script("train.py", *FAST, run_dir=tmp_path / "run")
-    assert again.returncode == 0, again.output[-2000:]
-    restored = [ln for ln in again.output.splitlines() if "Restoring states from" in ln]
-    assert restored and not any("last.ckpt" in ln for ln in restored)  # only test's best ckpt
-    assert "was called without a model" not in again.output
-    assert again.results["epochs"] == 1 and "train/loss" in again.results["metrics"]
-
-
 def _lr_by_step(run_dir) -> dict[int, float]:
     """The learning rate of the first parameter group as LearningRateMonitor logged it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -151,13 +136,23 @@ def _lr_by_step(run_dir) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
+# each norm's own settings; batch renorm's warm-up (30 steps) spans the epoch boundary
+EXTEND = {
+    "batchnorm": [],
+    "frozen": ["norm.calibration_batches=5"],
+    "batchrenorm": ["norm.renorm_warmup_steps=30"],
+    "ghostbatchnorm": ["norm.virtual_batch_size=16"],
+    "instancenorm": [],
+    "layernorm2d": [],
+    "gn_ws": ["norm.num_groups=4"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["batchnorm", "frozen"])
+@pytest.mark.parametrize("norm", list(EXTEND))
 def test_extending_a_finished_run_equals_the_longer_run(norm: str, tmp_path) -> None:
     # issue: the restored CosineAnnealingLR kept T_max=1, so the second epoch ran at lr 0
-    args = [*FAST, f"norm={norm}", "seed=11", "test=false", "norm.calibration_batches=5"]
-    if norm == "batchnorm":
-        args.remove("norm.calibration_batches=5")
+    args = [*FAST, f"norm={norm}", "seed=11", "test=false", *EXTEND[norm]]
     short = run_script("train.py", *args, "trainer.max_epochs=1", run_dir=tmp_path / "short")
     assert short.returncode == 0, short.output[-3000:]
     whole = run_script("train.py", *args, "trainer.max_epochs=2", run_dir=tmp_path / "whole")
@@ -366,3 +361,95 @@ def test_resume_after_a_sweep_picks_this_norms_run(tmp_path) -> None:
         _load(resumed.run_dir / "checkpoints" / "last.ckpt")["normlab"]["config"]["norm"]["name"]
         == "batchnorm"
     )
+
+
+# Every entry of the resume tables, one case each, written out here (not read from the tables:
+# a key dropped from a table must fail a case). Must match: the settings that build the model or
+# decide its input and output; may change: how it is optimized, sped up, where data is read from,
+# and how the statistics are (re)estimated.
+TABLE_CONFIG = {
+    "model": {
+        "_target_": "normlab.models.NormLabModule",
+        "net": {"_target_": "normlab.models.ConvNet", "widths": [8, 16]},
+        "arch": None,
+        "activation": None,
+        "weights": None,
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.003},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"},
+        "compile": False,
+        "channels_last": False,
+    },
+    "norm": {
+        "name": "frozen",
+        "eps": None,
+        "freeze_affine": False,
+        "calibration_batches": 20,
+        "init_from": None,
+        "precise_bn_batches": 0,
+        "distribute_bn": False,
+        "freeze_at_epoch": None,
+    },
+    "data": {
+        "_target_": "normlab.data.NormLabDataModule",
+        "name": "synthetic",
+        "image_size": 16,
+        "synthetic": {"shape": [3, 16, 16], "num_classes": 10},
+        "batch_size": 64,
+        "data_dir": "data",
+        "num_workers": 0,
+        "download": False,
+    },
+    "trainer": {"max_epochs": 3},
+}
+MUST_MATCH = {
+    "model._target_": "my.Module",
+    "model.net._target_": "my.Net",
+    "model.net.widths": [32, 64],
+    "model.arch": "resnet18",
+    "model.activation": "sigmoid",
+    "norm.eps": 0.001,
+    "norm.freeze_affine": True,
+    "data._target_": "my.DataModule",
+    "data.name": "mnist",
+    "data.image_size": 32,
+    "data.synthetic.shape": [1, 16, 16],
+    "data.synthetic.num_classes": 4,
+}
+MAY_CHANGE = {
+    "model.optimizer.lr": 0.1,
+    "model.optimizer._target_": "torch.optim.SGD",
+    "model.scheduler": None,
+    "model.compile": True,
+    "model.channels_last": True,
+    "model.weights": "/elsewhere/weights.pth",
+    "norm.calibration_batches": 5,
+    "norm.init_from": "/elsewhere/run.ckpt",
+    "norm.precise_bn_batches": 8,
+    "norm.distribute_bn": True,
+    "norm.freeze_at_epoch": 2,
+    "data.batch_size": 7,
+    "data.data_dir": "/elsewhere",
+    "data.num_workers": 4,
+    "data.download": True,
+}
+
+
+def _changed(dotted: str, value: object) -> dict:
+    cfg = copy.deepcopy(TABLE_CONFIG)
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key", sorted(MUST_MATCH))
+def test_each_setting_that_builds_the_model_must_match_to_resume(key: str) -> None:
+    differences = config_differences(TABLE_CONFIG, _changed(key, MUST_MATCH[key]))
+    assert len(differences) == 1 and differences[0].startswith(f"{key}="), differences
+
+
+@pytest.mark.parametrize("key", sorted(MAY_CHANGE))
+def test_each_setting_of_how_a_run_goes_on_may_change_on_resume(key: str) -> None:
+    assert config_differences(TABLE_CONFIG, _changed(key, MAY_CHANGE[key])) == []

@@ -17,21 +17,36 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.config import validate_eval_config, validate_train_config
-from normlab.errors import ConfigError, NormlabError
+from normlab.config import expand_user_paths, validate_eval_config, validate_train_config
+from normlab.errors import ConfigError, DivergenceError, NormlabError
 from normlab.extras import apply_extras
+from normlab.run_dir import (
+    check_resumes_here,
+    created_by_this_run,
+    is_rank_zero_process,
+    release_run_dir,
+)
 
 log = logging.getLogger("normlab")
 
 
-def _discard_empty_run_dir(cfg: DictConfig) -> None:
+def _discard_empty_run_dir(cfg: DictConfig, err: BaseException | None = None) -> None:
     """A run that never started leaves nothing behind: remove its dir if it holds only the
-    composed config and the log Hydra created."""
+    composed config and the log Hydra created, or, when this run created the dir, anything but a
+    checkpoint (a refusal at the start of fit leaves TensorBoard files) unless it diverged. A
+    dir that existed before this run, or a DDP rank > 0's, is never removed."""
     try:
         run_dir = Path(cfg.paths.output_dir)
     except Exception:
         return
-    if run_dir.is_dir() and all(
+    created = created_by_this_run(run_dir)
+    if created is False or not is_rank_zero_process():
+        return
+    nothing_saved = not (run_dir / "checkpoints").exists()
+    if created and nothing_saved and not isinstance(err, DivergenceError):
+        release_run_dir(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif run_dir.is_dir() and all(
         p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
     ):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -45,7 +60,8 @@ def check_checkpoint_arg(
     holds another model than the command builds, or has nothing left to train. ``last`` is
     resolved here, once, to the checkpoint it picks; returns the log lines that say which and
     why, ``(level, message)``, for the caller to print after the run dir."""
-    from normlab.utils.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
+    from normlab.resume import check_resumable, find_last_checkpoint
+    from normlab.utils.checkpoints import load_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
@@ -136,6 +152,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
                 "???",
                 f"this key is required; add it to the command line, e.g. {missing[0]}={example}",
             )
+        expand_user_paths(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         if task == "train":
             validate_train_config(container)
@@ -143,6 +160,8 @@ def run_task(task: str, cfg: DictConfig) -> Any:
             validate_eval_config(container)
         apply_extras(cfg)
         checkpoint_notes = check_checkpoint_arg(task, cfg, container)
+        if task == "train":
+            check_resumes_here(cfg.paths.output_dir, cfg.get("ckpt_path"))
         log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
         for level, message in checkpoint_notes:
             log.log(level, message)
@@ -157,7 +176,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
             # sweep's other jobs, then reports the failure
             raise RuntimeError(f"normlab: error: {err}") from None
         if not started or not (Path(cfg.paths.output_dir) / "checkpoints").exists():
-            _discard_empty_run_dir(cfg)
+            _discard_empty_run_dir(cfg, err)
         sys.exit(2)
     except KeyboardInterrupt:
         # Ctrl-C outside Trainer.fit (which handles it itself, see PreemptionCheckpoint)

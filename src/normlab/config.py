@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.models.defaults import ACTIVATIONS, MODULE_TARGET
+from normlab.norm.spec import BATCH_STATS
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
-MODULE_TARGET = "normlab.models.NormLabModule"
 DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
@@ -49,6 +49,22 @@ def register_resolvers() -> None:
 
         # cached: resolved once per job, before its dir exists
         OmegaConf.register_new_resolver("normlab_job_name", job_dir_name, use_cache=True)
+
+
+# the keys that name a file the user has: a leading ~ means their home, as in a shell (quoted on
+# Hydra's command line, "~/w.pth", the shell does not expand it)
+USER_PATH_KEYS = ("ckpt_path", "model.weights", "norm.init_from")
+
+
+def expand_user_paths(cfg: Any) -> None:
+    """Expand a leading ``~`` in the values of :data:`USER_PATH_KEYS` of the composed config
+    ``cfg`` (a DictConfig, changed in place), once, before anything reads them."""
+    from omegaconf import OmegaConf
+
+    for key in USER_PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
 
 
 def _number(
@@ -91,7 +107,24 @@ def data_channels(data: Mapping[str, Any]) -> int | None:
     return SOURCE_CHANNELS.get(data.get("name"))
 
 
+def _finite_everywhere(value: Any, key: str) -> None:
+    """No number anywhere under ``key`` is nan or inf: one rule for every ``data.*`` value (a
+    nan passes every range check and an inf every lower bound, so each key's own check misses
+    them: ``data.synthetic.noise_std=inf`` trained on pure noise)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite_everywhere(v, f"{key}.{k}")
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(key, list(value), "every entry must be a finite number")
+        for i, v in enumerate(value):
+            _finite_everywhere(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, value, "expected a finite number (not nan or inf)")
+
+
 def validate_data(data: Mapping[str, Any]) -> None:
+    _finite_everywhere(data, "data")
     _number(data, "batch_size", "data", kind=int, low=1)
     _number(data, "eval_batch_size", "data", kind=int, low=1)
     _number(data, "num_workers", "data", kind=int, low=0)
@@ -144,13 +177,8 @@ def validate_data(data: Mapping[str, Any]) -> None:
                     list(values),
                     f"data={data.get('name')} has {channels} channel(s): give {channels} value(s)",
                 )
-            if any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                for v in values
-            ):
-                raise ConfigError(
-                    f"data.{key}", list(values), "every entry must be a finite number"
-                )
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                raise ConfigError(f"data.{key}", list(values), "every entry must be a number")
             if key == "std" and any(v <= 0 for v in values):
                 raise ConfigError("data.std", list(values), "every std must be a positive number")
 
@@ -241,7 +269,7 @@ def validate_model(model: Mapping[str, Any]) -> None:
     if model.get("scheduler") is not None:
         _target(model["scheduler"], "model.scheduler")
         _number(model["scheduler"], "T_max", "model.scheduler", kind=int, low=1, optional=True)
-    for key in ("channels_last", "compile"):
+    for key in ("channels_last", "compile", "weights_strict"):
         if not isinstance(model.get(key, False), bool):
             raise ConfigError(f"model.{key}", model.get(key), "expected true or false")
 
@@ -354,13 +382,23 @@ def _train_or_test(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def eval_data_config(
+    saved: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     """The data config eval.py tests with: the checkpoint's saved one, with eval.py's non-null
     ``data.*`` keys on top; eval.py's ``data.batch_size`` is the test loader's batch size."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    if not saved and "_target_" not in given:
+        raise ConfigError(
+            "data",
+            None,
+            "the checkpoint holds no data config (it was trained from Python, with DataLoaders"
+            " given to fit); name the data set to test on, e.g. python eval.py ckpt_path=<file>"
+            " +data=digits (an option of configs/data/)",
+        )
     if "batch_size" in given:
         given["eval_batch_size"] = given.pop("batch_size")
-    return {**saved, **given}
+    return {**(saved or {}), **given}
 
 
 def validate_train_config(cfg: Mapping[str, Any]) -> None:
@@ -372,7 +410,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
-        cfg["norm"].get("name") == "batchnorm"
+        cfg["norm"].get("name") in BATCH_STATS
         and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):
@@ -396,3 +434,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     )
     channels = list(net["widths"]) if convnet else []
     validate_norm_config(cfg["norm"], channels=channels, max_epochs=cfg["trainer"]["max_epochs"])
+    if cfg["norm"].get("init_from") is not None:  # a checkpoint holding BatchNorm statistics
+        from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
+        init_from_state_dict(cfg["norm"]["init_from"])

@@ -1,6 +1,7 @@
 """Checks that must answer before Hydra creates the run dir or starts a launcher: a log dir that
-cannot be written, a SLURM launcher on a machine without SLURM, and an option whose optional extra
-(``.[slurm]``, ``.[optuna]``, ``.[wandb]``, ``.[mlflow]``) is not installed.
+cannot be written, a run dir that another run holds or has finished in (normlab/run_dir.py), a
+SLURM launcher on a machine without SLURM, and an option whose optional extra (``.[slurm]``,
+``.[optuna]``, ``.[wandb]``, ``.[mlflow]``) is not installed.
 
 Each failure is one paragraph ``normlab: error: ...`` on stderr and exit status 2, with nothing
 created. Imports neither torch nor Lightning.
@@ -109,12 +110,25 @@ def check_launcher_installed(argv: Sequence[str]) -> None:
             )
 
 
+def _claim(config: DictConfig, run_dir: str, key: str, sweep: bool) -> None:
+    """This run's dir is its own (see normlab.run_dir); eval.py never resumes into one."""
+    from normlab.run_dir import RunDirError, claim_run_dir
+
+    resume = config.hydra.job.name != "eval"
+    try:
+        claim_run_dir(run_dir, config.get("ckpt_path"), key, resume=resume, sweep=sweep)
+    except RunDirError as err:
+        _fail(str(err))
+
+
 class Preflight(Callback):
     """Hydra callback (``configs/hydra/default.yaml``): before a run or sweep starts, check that
-    its dir can be written and that a SLURM launcher has SLURM to talk to."""
+    its dir can be written and is no other run's, and that a SLURM launcher has SLURM to talk
+    to."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(config.hydra.run.dir, "hydra.run.dir")
+        _claim(config, config.hydra.run.dir, "hydra.run.dir", sweep=False)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
@@ -126,3 +140,4 @@ class Preflight(Callback):
                 " node, or drop hydra/launcher=slurm to run the sweep's jobs here one after"
                 f" another (the launcher itself comes with {extra_command('slurm')})"
             )
+        _claim(config, config.hydra.sweep.dir, "hydra.sweep.dir", sweep=True)  # creates it

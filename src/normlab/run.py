@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,16 +19,18 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.callbacks import norm_callbacks
-from normlab.callbacks.reliability import reliability_callbacks
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
+from normlab.norm.sync import SyncBatchNormKeepingActivations
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
+from normlab.utils.checkpoint_fit import check_classes, check_resume_fits
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
+from normlab.utils.targets import check_targets, trusted_targets
 
 log = logging.getLogger("normlab")
 
@@ -84,11 +86,19 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
         return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
 
 
-def build_datamodule(data: Mapping[str, Any], seed: int) -> L.LightningDataModule:
+def build_datamodule(
+    data: Mapping[str, Any],
+    seed: int,
+    trusted: Sequence[str] = (),
+    checkpoint: str | None = None,
+) -> L.LightningDataModule:
     """Instantiate the ``data`` config: normlab's DataModule or a user's LightningDataModule
-    (which needs ``num_classes`` and ``num_channels``; it receives ``seed`` if it takes one)."""
+    (which needs ``num_classes`` and ``num_channels``; it receives ``seed`` if it takes one).
+    Its targets pass :func:`normlab.utils.targets.check_targets` first (``trusted``: the user's
+    ``trusted_targets``; ``checkpoint``: where the config was read from)."""
     from normlab.models.adapters import takes
 
+    check_targets(data, "data", trusted, checkpoint)
     extra = {"seed": seed} if takes(get_object(data["_target_"]), "seed") else {}
     with _user_errors():
         datamodule = instantiate(data, **extra, _convert_="all")
@@ -109,13 +119,19 @@ def build_datamodule(data: Mapping[str, Any], seed: int) -> L.LightningDataModul
 
 
 def build_model(
-    model: Mapping[str, Any], norm: Mapping[str, Any], datamodule: Any
+    model: Mapping[str, Any],
+    norm: Mapping[str, Any],
+    datamodule: Any,
+    trusted: Sequence[str] = (),
+    checkpoint: str | None = None,
 ) -> L.LightningModule:
     """Instantiate the ``model`` config (any LightningModule ``_target_``; NormLabModule by
     default) with the ``norm`` config and the data's ``num_classes`` / ``num_channels``. Its
     nested configs (net, optimizer, scheduler) arrive as plain dicts, the module's
-    hyperparameters, so checkpoints stay plain data."""
+    hyperparameters, so checkpoints stay plain data. Its targets, nested ones included, pass
+    :func:`normlab.utils.targets.check_targets` first, as in :func:`build_datamodule`."""
     model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    check_targets(model, "model", trusted, checkpoint)
     norm = OmegaConf.to_container(norm, resolve=True) if isinstance(norm, DictConfig) else norm
     with _user_errors():
         return instantiate(
@@ -128,7 +144,12 @@ def build_model(
         )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the callbacks of ``cfg.callbacks`` (then
+    ``extra_callbacks``; the model adds its own, ``configure_callbacks``), the loggers of
+    ``cfg.logger`` and checkpoints written atomically. train.py, eval.py and scripts/bench.py
+    build theirs here."""
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
@@ -139,6 +160,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            plugins.append(SyncBatchNormKeepingActivations())  # Lightning's drops timm's act
         return instantiate(
             trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             _convert_="all",
@@ -174,21 +197,24 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     log.info(
         "data: %s (scaling=%s)", cfg.data.get("name", cfg.data._target_), cfg.data.get("scaling")
     )
-    datamodule = build_datamodule(cfg.data, cfg.seed)
+    trusted = trusted_targets(cfg.get("trusted_targets"))
+    datamodule = build_datamodule(cfg.data, cfg.seed, trusted)
     if hasattr(datamodule, "check_usable"):  # classes, a training step, a test split
         datamodule.check_usable(train=cfg.train, test=cfg.test)
 
     log.info("model: %s", describe_model(cfg.model, cfg.norm))
-    model = build_model(cfg.model, cfg.norm, datamodule)
+    model = build_model(cfg.model, cfg.norm, datamodule, trusted)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
+    if ckpt_path:  # before anything is set up: Lightning's own load comes after ~10 s of it
+        # the classes too, unless ckpt_strict=false: then other labels are the user's call
+        strict = cfg.get("ckpt_strict", True)
+        data = (datamodule, _data_source(cfg.data)) if strict else (None, "")
+        check_resume_fits(ckpt_path, model, bool(cfg.get("train")), *data)
 
-    callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
-    callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg)  # the model brings its own callbacks (configure_callbacks)
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))
     prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
-
-    ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
 
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -215,11 +241,19 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             "task_name": cfg.task_name,
             "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
+            "steps": trainer.global_step,  # optimizer steps (the benchmark compares them)
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
         write_results(run_dir, metrics, checkpoints, extra=extra)
     log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
     return metrics
+
+
+def _data_source(data: Mapping[str, Any]) -> str:
+    """Where a data config reads from, as the key a user changes: data.data_dir or data.name."""
+    if data.get("data_dir") and data.get("name") not in (None, "digits", "synthetic"):
+        return f"data.data_dir={data['data_dir']}"
+    return f"data.name={data.get('name', data.get('_target_'))}"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -230,8 +264,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved = checkpoint["normlab"]["config"]
 
+    # the saved config is data anyone may have written: only targets normlab builds itself, or
+    # that the user names in trusted_targets, are imported and called
+    trusted, source = trusted_targets(cfg.get("trusted_targets")), f"ckpt_path={cfg.ckpt_path}"
     data_cfg = eval_data_config(saved["data"], cfg.get("data") or {})
-    datamodule = build_datamodule(data_cfg, cfg.seed)
+    datamodule = build_datamodule(data_cfg, cfg.seed, trusted, source)
+    check_classes(checkpoint, datamodule, source, _data_source(data_cfg))
     state = checkpoint.get(type(datamodule).__qualname__)
     if state:
         datamodule.load_state_dict(state)  # the training split's scaling statistics
@@ -244,11 +282,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "testing %s: %s, on %s", cfg.ckpt_path, describe_model(model_cfg, saved["norm"]),
         data_cfg.get("name", data_cfg.get("_target_")),
     )  # fmt: skip
-    model = build_model(model_cfg, saved["norm"], datamodule)
+    model = build_model(model_cfg, saved["norm"], datamodule, trusted, source)
     model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
 
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
     metrics = final_metrics(trainer)
     if trainer.is_global_zero:

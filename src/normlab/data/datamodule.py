@@ -191,6 +191,11 @@ class NormLabDataModule(L.LightningDataModule):
     def num_channels(self) -> int:
         return self.load().num_channels
 
+    @property
+    def classes(self) -> list[str]:
+        """The class names in label order (saved in checkpoints; eval.py checks them)."""
+        return list(self.load().classes)
+
     def _split_indices(self, n: int, has_test: bool) -> tuple[torch.Tensor, ...]:
         """(train, val, test) row indices: a permutation fixed by ``split_seed``."""
         hp = self.hparams

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from normlab.data.folder_walk import FolderWalk
 from normlab.errors import ConfigError, NormlabError
 
 SOURCES: tuple[str, ...] = (
@@ -263,7 +264,8 @@ def index_imagefolder(data_dir: str | Path) -> FolderIndex:
     if not classes:
         raise fail(f"no class sub-folders found in {base}")
     class_to_idx = {name: i for i, name in enumerate(classes)}
-    train_samples = _folder_samples(base, class_to_idx)
+    walk = FolderWalk(root)
+    train_samples = walk.samples(base, class_to_idx, split="train/" if has_split else "")
     if not train_samples:
         raise fail(f"no images found in the class folders of {base}")
     counts = np.bincount([label for _, label in train_samples], minlength=len(classes))
@@ -282,7 +284,7 @@ def index_imagefolder(data_dir: str | Path) -> FolderIndex:
         unknown = sorted(set(_class_folders(test_dir)) - set(classes))
         if unknown:
             raise fail(f"{test_dir} has classes missing from {train_dir}: {', '.join(unknown)}")
-        test_samples = _folder_samples(test_dir, class_to_idx)
+        test_samples = walk.samples(test_dir, class_to_idx, split="test/")
         if not test_samples:
             raise fail(f"no images found in the class folders of {test_dir}")
     return FolderIndex(train_samples, test_samples, list(classes))
@@ -292,21 +294,6 @@ def _class_folders(base: Path) -> list[str]:
     """The class sub-folders of ``base``, sorted; hidden ones (``.ipynb_checkpoints``, names
     starting with '.') are not classes."""
     return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _folder_samples(base: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    """(path, label) of the image files under ``base/<class>/``, skipping hidden files and
-    anything inside hidden folders."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
-
-    def visible_image(path: str) -> bool:
-        parts = Path(path).relative_to(base).parts
-        return not any(p.startswith(".") for p in parts) and has_file_allowed_extension(
-            path, IMG_EXTENSIONS
-        )
-
-    present = {c: i for c, i in class_to_idx.items() if (base / c).is_dir()}
-    return make_dataset(base, present, is_valid_file=visible_image, allow_empty=True)
 
 
 def _load_imagefolder(root: Path, image_size: tuple[int, int] | None) -> ImageData:

@@ -82,6 +82,63 @@ def torchvision_net(
     return net
 
 
+# a built net normlab cannot rebuild, in hyperparameters: {BUILT: "pkg.module.Class"}
+BUILT = "_built_"
+TORCHVISION_TARGET = "normlab.models.torchvision_net"
+
+
+def classes_of(net: nn.Module) -> int:
+    """The output count of ``net``'s last ``nn.Linear`` (a classifier's number of classes).
+
+    Raises:
+        ConfigError: the net has no ``nn.Linear``; pass num_classes.
+    """
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ConfigError("num_classes", None, f"{type(net).__name__} has no nn.Linear; give it")
+    return linear[-1].out_features
+
+
+def input_channels_of(net: nn.Module) -> int:
+    """The input channels of ``net``'s first convolution (3 when it has none)."""
+    conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def _shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    state = net.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def describe_net(net: nn.Module, num_classes: int, in_channels: int) -> dict[str, Any]:
+    """A built net as plain data: ``{"_target_": "normlab.models.torchvision_net", "arch":
+    name}`` when it is a torchvision classifier that :func:`torchvision_net` rebuilds with the
+    same tensors (found by building the candidates of its module on the meta device: no memory,
+    no weights); else ``{"_built_": "pkg.module.Class"}``, which nothing rebuilds."""
+    kind = type(net)
+    if kind.__module__.startswith("torchvision.models."):
+        import torchvision
+
+        shapes = _shapes(net)
+        for arch in torchvision.models.list_models(module=torchvision.models):
+            if torchvision.models.get_model_builder(arch).__module__ != kind.__module__:
+                continue
+            try:
+                with torch.device("meta"):
+                    candidate = torchvision_net(arch, num_classes, in_channels)
+            except Exception:  # a builder that needs other arguments is not this net
+                continue
+            if type(candidate) is kind and _shapes(candidate) == shapes:
+                return {"_target_": TORCHVISION_TARGET, "arch": arch}
+    return {BUILT: f"{kind.__module__}.{kind.__qualname__}"}
+
+
+# timm.create_model arguments that read weights from a file or a hub
+_TIMM_FILE_KEYS = frozenset(
+    {"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay"}
+)
+
+
 def timm_net(
     arch: str,
     num_classes: int,
@@ -103,6 +160,13 @@ def timm_net(
             arch,
             'not a timm model; list them with python -c "import timm;'
             " print(timm.list_models('resnet*'))\" (e.g. resnet10t, resnet18, efficientnet_b0)",
+        )
+    for key in _TIMM_FILE_KEYS & set(kwargs):  # weights come from model.weights, checked there
+        raise ConfigError(
+            f"model.net.{key}",
+            kwargs[key],
+            "timm_net builds the model without weights; give a weights file as"
+            " model.weights=<file> (loaded before the norm conversion)",
         )
     if activation is not None:  # timm names activations as normlab does (relu, sigmoid, ...)
         kwargs["act_layer"] = activation
@@ -140,14 +204,46 @@ def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(net: nn.Module, path: str | Path) -> list[str]:
-    """Load the tensors of ``path`` whose names and shapes match ``net``'s (before any norm
-    conversion, so ``norm=frozen`` keeps the pretrained running statistics). Tensors whose shape
-    differs (a classifier for other classes, a first conv for other channels) keep their fresh
-    initialisation; returns and logs their names.
+def _fresh_allowed(net: nn.Module) -> tuple[set[str], set[str]]:
+    """The keys of ``net`` that may keep their fresh initialisation when a weights file does not
+    fit them: the classifier head (the last ``nn.Linear``, else the last ``nn.Conv2d``: its
+    classes are the data's) and the first convolution (its input channels are the data's)."""
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    head = (linears or convs)[-1:] if (linears or convs) else []
+
+    def keys(names: list[str]) -> set[str]:
+        return {k for k in net.state_dict() if any(k.startswith(f"{n}.") for n in names)}
+
+    return keys(head), keys(convs[:1])
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return f"{len(keys)} tensor(s): {', '.join(keys[:5])}{more}"
+
+
+def load_weights(
+    net: nn.Module, path: str | Path, strict: bool = True, statistics_needed: bool = False
+) -> list[str]:
+    """Load the tensors of ``path`` into ``net`` (before any norm conversion, so
+    ``norm=frozen`` keeps the pretrained running statistics). The classifier head may keep its
+    fresh initialisation when the file's does not fit (another number of classes), and the first
+    convolution when its input channels differ; the log names them. Returns the names of the
+    tensors that kept their initialisation.
+
+    Args:
+        net: the freshly built net.
+        path: a state_dict file (``model.weights``).
+        strict: refuse a file that leaves other tensors of ``net`` (its body) without weights or
+            holds tensors ``net`` does not use (``model.weights_strict``); False loads what fits.
+        statistics_needed: the BatchNorm layers will be frozen (``norm=frozen``): a layer whose
+            running statistics the file lacks is refused even when not ``strict``, as they would
+            stay at their initial zeros/ones.
 
     Raises:
-        ConfigError: the file cannot be read, or none of its tensors fits ``net``.
+        ConfigError: the file cannot be read, none of its tensors fits ``net``, or (see above) it
+            fits only partly.
     """
     path = Path(path).expanduser()
     source = _state_dict_of(path)
@@ -160,19 +256,43 @@ def load_weights(net: nn.Module, path: str | Path) -> list[str]:
             f"none of its {len(source)} tensors (e.g. {list(source)[:3]}) matches a tensor of the"
             f" model (e.g. {list(own)[:3]}); give weights of the same architecture (model.arch)",
         )
+    head, first_conv = _fresh_allowed(net)
+    shape_differs = {k for k in own if k in source and k not in matching}
+    fresh = sorted(k for k in own if k not in matching)
+    allowed = head | (first_conv & shape_differs) | {k for k in own if "num_batches_tracked" in k}
+    body = [k for k in fresh if k not in allowed]
+    unused = sorted(k for k in source if k not in own)
+    stats = [k for k in body if k.endswith((".running_mean", ".running_var"))]
+    if statistics_needed and stats:
+        raise ConfigError(
+            "model.weights",
+            str(path),
+            "norm=frozen keeps the file's running statistics, and it has none for"
+            f" {_listed(stats)}; give a file with the statistics of every BatchNorm layer, or"
+            " use norm=batchnorm",
+        )
+    if strict and (body or unused):
+        problems = [f"the model's {_listed(body)} are missing from it"] if body else []
+        problems += [f"it holds {_listed(unused)} that the model does not use"] if unused else []
+        raise ConfigError(
+            "model.weights",
+            str(path),
+            f"it only partly fits model.arch: {'; '.join(problems)} (only the classifier head"
+            " and a first conv for other input channels may start fresh). Give weights of the"
+            " same architecture, or add model.weights_strict=false to load the tensors that fit",
+        )
     net.load_state_dict(matching, strict=False)
-    reinit = sorted(k for k in own if k not in matching)
-    unused = sorted(k for k in source if k not in matching)
-    log.info(
-        "model.weights=%s: %d of %d tensors loaded; re-initialised (shape differs or absent): %s;"
-        " unused from the file: %s",
+    log.log(
+        logging.WARNING if body or unused else logging.INFO,
+        "model.weights=%s: %d of %d tensors loaded; re-initialised: %s%s%s",
         path,
         len(matching),
         len(own),
-        reinit or "none",
-        unused or "none",
+        ", ".join(fresh) or "none",
+        " (the classifier head / first conv do not fit this data)" if fresh and not body else "",
+        f"; unused from the file (model.weights_strict=false): {_listed(unused)}" if unused else "",
     )
-    return reinit
+    return fresh
 
 
 def takes(target: Any, name: str) -> bool:

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CONVNET_TARGET = "normlab.models.ConvNet"
+MODULE_TARGET = "normlab.models.NormLabModule"
+# the activations the ConvNet builds (model.activation, model.net.activation)
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 
 
 @dataclass
@@ -68,6 +71,9 @@ class ModelConfig:
     activation: Any = None
     # a local state_dict file (.pth/.pt/.safetensors) loaded before the norm conversion
     weights: Any = None
+    # false: load the tensors of model.weights that fit and re-initialise the rest (true: refuse
+    # a file that leaves the model's body partly fresh or holds tensors the model does not use)
+    weights_strict: Any = True
     optimizer: Any = field(default_factory=OptimizerConfig)
     scheduler: Any = field(default_factory=SchedulerConfig)
     # channels-last (NHWC) memory for convolutions, the layout GPU tensor cores prefer
