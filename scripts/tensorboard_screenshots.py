@@ -1,5 +1,6 @@
-"""Screenshots of TensorBoard as a person sees it, for the docs: a fresh short sweep (BatchNorm and
-GroupNorm on digits), ``tensorboard --logdir`` on a free 127.0.0.1 port, headless Chromium.
+"""Screenshots of TensorBoard as a person sees it, for the docs: a fresh short comparison sweep
+(``experiment=compare_norms norm=batchnorm,frozen,groupnorm`` on digits, its runs named
+``norm=<name>``), ``tensorboard --logdir`` on a free 127.0.0.1 port, headless Chromium.
 
     python scripts/tensorboard_screenshots.py [--out docs/images] [--chromium chromium]
 
@@ -29,7 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # 4 epochs of digits (80 steps), statistics every 4 steps, histograms every 8
 SWEEP = [
-    "norm=batchnorm,groupnorm",
+    "experiment=compare_norms",
+    "norm=batchnorm,frozen,groupnorm",
     "trainer=cpu",
     "trainer.max_epochs=4",
     "callbacks.rich_progress_bar=null",
@@ -40,7 +42,8 @@ SWEEP = [
 PAGES = {  # file name -> (TensorBoard page, window size)
     "tensorboard_dashboard.png": ("#custom_scalars", "1400,1500"),
     "tensorboard_histograms.png": ("#histograms", "1400,1100"),
-    "tensorboard_hparams.png": ("#hparams", "1400,1000"),
+    # wide enough for the metric columns right of the five hparam columns
+    "tensorboard_hparams.png": ("#hparams", "2000,520"),
 }
 
 

@@ -14,7 +14,18 @@ from normlab.config import register_resolvers, validate_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ["data", "model", "norm", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = [
+    "data",
+    "model",
+    "norm",
+    "trainer",
+    "logger",
+    "callbacks",
+    "debug",
+    "experiment",
+    "hparams_search",
+    "extras",
+]
 
 
 def options(group: str) -> list[str]:
@@ -61,7 +72,7 @@ def test_group_options_are_those_of_the_design() -> None:
         "synthetic",
     }
     assert {"default", "cpu", "gpu", "mps"} <= set(options("trainer"))
-    assert set(options("logger")) == {"tensorboard", "csv", "many"}
+    assert set(options("logger")) == {"tensorboard", "csv", "many", "wandb", "mlflow"}
     assert set(options("callbacks")) == {"default", "none", "no_inspection"}
     assert set(options("debug")) == {"default", "fdr", "limit", "overfit", "profiler"}
 
@@ -70,9 +81,14 @@ def test_group_options_are_those_of_the_design() -> None:
 def test_loggers_instantiate(logger: str, tmp_path: Path) -> None:
     _, cfg = compose_train([f"logger={logger}"], tmp_path)
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    expected = {"tensorboard": 1, "csv": 1, "many": 2}[logger]
+    expected = {"tensorboard": 1, "csv": 1, "many": 2, "wandb": 1, "mlflow": 1}[logger]
     assert len(loggers) == expected
-    assert all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
+    if logger == "wandb":  # offline, into the run dir
+        assert loggers[0]._offline and Path(loggers[0].save_dir) == tmp_path
+    elif logger == "mlflow":  # a SQLite store beside the runs (tests/test_integrations.py)
+        assert loggers[0]._tracking_uri.endswith("/logs/mlflow.db")
+    else:
+        assert all(Path(lg.log_dir).parent == tmp_path for lg in loggers)
 
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
@@ -131,6 +147,18 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.sync_batchnorm is True
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+def test_help_lists_the_users_choices_not_the_structured_configs() -> None:
+    # `python train.py --help` prints hydra.help.template, resolved while Hydra is initialized
+    os.environ.setdefault("NORMLAB_ROOT", str(ROOT))
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+        text = cfg.hydra.help.template
+    assert "\nmodel: cnn, timm, torchvision\n" in text
+    assert "normlab_cnn" not in text and "normlab_module" not in text
+    assert "hydra/" not in text and "$CONFIG" in text
 
 
 def test_init_from_is_opened_by_the_config_check(tmp_path: Path) -> None:

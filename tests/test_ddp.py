@@ -60,10 +60,17 @@ def test_ddp_sim_multirun_runs_each_job_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no second sweep dir
     # summary.*: the parent's SweepSummary callback, once (DDP children run no multirun)
     # .lock: the sweep dir belongs to this sweep while it runs (normlab/run_dir.py)
-    jobs_and_summary = [".lock", "0", "1", "multirun.yaml", "summary.csv", "summary.png"]
+    jobs_and_summary = [
+        ".lock",
+        "multirun.yaml",
+        "norm=batchnorm",
+        "norm=none",
+        "summary.csv",
+        "summary.png",
+    ]
     assert sorted(p.name for p in sweep.iterdir()) == jobs_and_summary
     norms = []
-    for job in ("0", "1"):
+    for job in ("norm=none", "norm=batchnorm"):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["run_dir"] == str(sweep / job)
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()

@@ -114,3 +114,66 @@ def _assert_refused(where: str, overrides: list[str], tmp_path, capsys) -> None:
     else:
         keys = [o.split("=", 1)[0] for o in overrides]
         assert any(k in message for k in keys), f"{where}: {message!r} names none of {keys}"
+
+
+# -- Python snippets -------------------------------------------------------------------------
+
+PY_FENCE = re.compile(r"```python\n(.*?)```", re.S)
+# (page, index of its Python block) run by a test of its own: docs/python_api.md's script trains
+# a ResNet, and tests/test_python_api.py runs it and checks what it makes
+RUN_ELSEWHERE = {("docs/python_api.md", 0)}
+
+
+def documented_snippets() -> list[tuple[str, str]]:
+    """(page:line, code) of every fenced Python block of README.md and docs/ (but those of
+    ``RUN_ELSEWHERE``)."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for index, block in enumerate(PY_FENCE.finditer(text)):
+            if (str(page.relative_to(ROOT)), index) in RUN_ELSEWHERE:
+                continue
+            line = text[: block.start()].count("\n") + 2
+            found.append((f"{page.relative_to(ROOT)}:{line}", block.group(1)))
+    return found
+
+
+SNIPPETS = documented_snippets()
+
+
+@pytest.fixture(scope="module")
+def docs_run(tmp_path_factory) -> Path:
+    """A run dir as the docs' snippets name it (``RUN``): ``checkpoints/last.ckpt`` of the
+    default model, built in-process (untrained: the snippets' code, not their numbers, is what
+    this checks)."""
+    import torch
+
+    from normlab.models import NormLabModule
+
+    run = tmp_path_factory.mktemp("RUN")
+    model = NormLabModule(num_classes=10, in_channels=1, norm={"name": "batchnorm"})
+    (run / "checkpoints").mkdir()
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save(payload, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def test_the_docs_show_python_snippets() -> None:
+    assert len(SNIPPETS) >= 3, SNIPPETS
+
+
+@pytest.mark.parametrize("where, code", SNIPPETS, ids=[w for w, _ in SNIPPETS])
+def test_documented_python_snippet_runs(
+    where: str, code: str, docs_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Every Python block runs as shown, with what the page says it assumes: ``RUN`` (a run
+    dir), and ``nn`` (torch.nn) for a class outline whose body is ``...``; in an empty working
+    dir, so what a snippet writes stays out of the checkout."""
+    from torch import nn
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "docs_snippet", "RUN": str(docs_run), "nn": nn}
+    try:
+        exec(compile(code, where, "exec"), namespace)
+    except Exception as err:
+        raise AssertionError(f"{where}:\n{code}\n{type(err).__name__}: {err}") from err

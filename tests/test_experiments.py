@@ -188,9 +188,10 @@ def test_tiny_compare_norms_sweep_writes_summary_of_its_jobs(tmp_path: Path) -> 
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     rows = read_csv(sweep / "summary.csv")
+    # job dirs (and TensorBoard runs) are named after the swept key, in job order
     assert [(r["job"], r["norm"], r["status"]) for r in rows] == [
-        ("0", "none", "ok"),
-        ("1", "batchnorm", "ok"),
+        ("norm=none", "none", "ok"),
+        ("norm=batchnorm", "batchnorm", "ok"),
     ]
     for row in rows:
         results = json.loads((sweep / row["job"] / "results.json").read_text())
@@ -222,9 +223,12 @@ def test_a_failing_job_does_not_stop_the_sweep_or_its_summary(tmp_path: Path) ->
     )
     assert "job 0 (norm=batchnorm " in line and f"its dir {sweep / '0'}): data.batch_size=1" in line
     rows = read_csv(sweep / "summary.csv")
-    assert [(r["job"], r["norm"]) for r in rows] == [("0", "batchnorm"), ("1", "none")]
+    assert [(r["job"], r["norm"]) for r in rows] == [
+        ("norm=batchnorm", "batchnorm"),
+        ("norm=none", "none"),
+    ]
     assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "ok"
-    assert (sweep / "1" / "results.json").is_file()
+    assert (sweep / "norm=none" / "results.json").is_file()
 
 
 def test_debug_overrides_an_experiments_trainer_settings() -> None:

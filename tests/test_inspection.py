@@ -122,7 +122,7 @@ def test_last_logged_values_equal_the_checkpoint_buffers(bn_events, checkpoint, 
             mean, std = saved.mean(), saved.std()
             assert values[f"norm/{layer}/{stat}/mean"][-1] == (steps - 1, pytest.approx(mean))
             assert values[f"norm/{layer}/{stat}/std"][-1] == (steps - 1, pytest.approx(std))
-            band = values[f"norm/{layer}/{stat}/mean_plus_std"][-1][1]
+            band = values[f"zz_bands/norm/{layer}/{stat}/mean_plus_std"][-1][1]
             assert band == pytest.approx(mean + std, abs=1e-6)
         assert values[f"norm/{layer}/num_batches_tracked"][-1] == (steps - 1, float(steps))
         assert state[f"{layer}.num_batches_tracked"].item() == steps
@@ -171,11 +171,15 @@ def test_dashboard_layout_charts_logged_tags(bn_events):
     assert [m.value for m in margins] == [f"norm/net.features.1/{s}/mean" for s in STATS]
     for m in margins:
         assert {m.value, m.lower, m.upper} <= logged
-        assert m.lower.endswith("mean_minus_std") and m.upper.endswith("mean_plus_std")
-    (gap,) = [c.multiline.tag for c in layer.chart if c.HasField("multiline")]
-    assert sorted(t for t in logged if any(re.search(p, t) for p in gap)) == [
-        "norm/net.features.1/gap_mean_shift",
-        "norm/net.features.1/gap_var_ratio",
+        # the band's helper series sit in a section of their own, away from norm/
+        assert m.lower == "zz_bands/" + m.value.replace("/mean", "/mean_minus_std")
+        assert m.upper == "zz_bands/" + m.value.replace("/mean", "/mean_plus_std")
+    assert not [t for t in logged if t.startswith("norm/") and t.endswith("_std")]
+    # one quantity a chart: the mean shift (ideal 0) apart from the variance ratio (ideal 1)
+    gaps = [c.multiline.tag for c in layer.chart if c.HasField("multiline")]
+    assert [sorted(t for t in logged if any(re.search(p, t) for p in gap)) for gap in gaps] == [
+        ["norm/net.features.1/gap_mean_shift"],
+        ["norm/net.features.1/gap_var_ratio"],
     ]
 
 
@@ -211,6 +215,7 @@ def test_csv_logger_receives_the_normalization_scalars(bn_run, state):
             assert f"norm/{layer}/{stat}/mean" in columns
         assert f"norm/{layer}/gap_mean_shift" in columns
     assert {"norm/acc_eval_mode", "grad_norm/net.features.0", "hparams/val_acc"} <= columns
+    assert not [c for c in columns if "_std" in c]  # the dashboard's bands are TensorBoard's
     tracked = [
         (int(r["step"]), float(r["norm/net.features.1/num_batches_tracked"]))
         for r in rows
@@ -354,7 +359,9 @@ def test_tensorboard_serves_tags_layout_histograms_and_hparams(bn_run):
     spec.loader.exec_module(tb)
     with tb.serve_tensorboard(bn_run.run_dir) as url:
         scalar_tags = tb.get_json(f"{url}/data/plugin/scalars/tags")["tensorboard"]
-        assert {"val/acc", "norm/net.features.5/running_var/mean_plus_std"} <= set(scalar_tags)
+        assert {"val/acc", "zz_bands/norm/net.features.5/running_var/mean_plus_std"} <= set(
+            scalar_tags
+        )
         layout = tb.get_json(f"{url}/data/plugin/custom_scalars/layout")
         layer = next(c for c in layout["category"] if c["title"] == "norm/net.features.5")
         series = [c["margin"]["series"][0] for c in layer["chart"] if "margin" in c]

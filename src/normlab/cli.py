@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from normlab.config import expand_user_paths, validate_eval_config, validate_train_config
 from normlab.errors import ConfigError, DivergenceError, NormlabError, SweepJobError
+from normlab.extras import apply_extras
 from normlab.run_dir import (
     check_resumes_here,
     created_by_this_run,
@@ -52,37 +53,71 @@ def _discard_empty_run_dir(cfg: DictConfig, err: BaseException | None = None) ->
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def check_checkpoint_arg(task: str, cfg: DictConfig, container: dict[str, Any]) -> None:
+def check_checkpoint_arg(
+    task: str, cfg: DictConfig, container: dict[str, Any]
+) -> list[tuple[int, str]]:
     """Fail before the heavy imports when ``ckpt_path`` cannot be used: a file that
     ``torch.load(weights_only=True)`` cannot read as a normlab checkpoint, or (train.py) one that
     holds another model than the command builds, or has nothing left to train. ``last`` is
-    resolved here, once, to the checkpoint it picks, and the log says which and why."""
+    resolved here, once, to the checkpoint it picks; returns the log lines that say which and
+    why, ``(level, message)``, for the caller to print after the run dir."""
     from normlab.resume import check_resumable, find_last_checkpoint
     from normlab.utils.checkpoints import load_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:
-        return
+        return []
     if task != "train":
         load_checkpoint(ckpt_path)
-        return
+        return []
     resuming = bool(container.get("train", True))  # train=false only tests the checkpoint
     if ckpt_path == "last":
         task_dir = Path(cfg.paths.log_dir) / cfg.task_name
         path, passed_over = find_last_checkpoint(
             task_dir, Path(cfg.paths.output_dir), current=container, resuming=resuming
         )
-        for line in passed_over:
-            log.warning("ckpt_path=last: passed over %s", line)
-        log.info(
-            "ckpt_path=last: %s %s, the newest last.ckpt under %s that holds this command's model",
-            "resuming" if resuming else "testing",
-            path,
-            task_dir,
+        lines = [(logging.WARNING, f"ckpt_path=last: passed over {line}") for line in passed_over]
+        verb = "resuming" if resuming else "testing"
+        lines.append(
+            (
+                logging.INFO,
+                f"ckpt_path=last: {verb} {path}, the newest last.ckpt under {task_dir} that holds"
+                " this command's model",
+            )
         )
         cfg.ckpt_path = str(path)
-        return
+        return lines
     check_resumable(load_checkpoint(ckpt_path), Path(ckpt_path), container, resuming=resuming)
+    return []
+
+
+def config_groups_help() -> str:
+    """``--help``'s list of config groups and their options, as Hydra's ``$APP_CONFIG_GROUPS``
+    writes it (a user's own config dirs included) but without the structured configs that model
+    files start from (``normlab_cnn``, ``normlab_module``), which are no choice of their own."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from normlab.models.defaults import INTERNAL_MODEL_CONFIGS
+
+    loader = GlobalHydra.instance().config_loader()
+
+    def groups(parent: str) -> list[str]:
+        found = []
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if loader.get_group_options(group, ObjectType.CONFIG):
+                found.append(group)
+            found += groups(group)
+        return found
+
+    lines = []
+    for group in sorted(g for g in groups("") if not g.startswith("hydra")):
+        options = sorted(loader.get_group_options(group))
+        if group == "model":
+            options = [o for o in options if o not in INTERNAL_MODEL_CONFIGS]
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
 
 
 def _interrupt_signal(exc: SystemExit) -> int | None:
@@ -163,10 +198,13 @@ def run_task(task: str, cfg: DictConfig) -> Any:
             validate_train_config(container)
         else:
             validate_eval_config(container)
-        check_checkpoint_arg(task, cfg, container)
+        apply_extras(cfg)
+        checkpoint_notes = check_checkpoint_arg(task, cfg, container)
         if task == "train":
             check_resumes_here(cfg.paths.output_dir, cfg.get("ckpt_path"))
         log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
+        for level, message in checkpoint_notes:
+            log.log(level, message)
         from normlab import run
 
         started = True

@@ -38,6 +38,19 @@ def register_resolvers() -> None:
     register_configs()
     if not OmegaConf.has_resolver("normlab_pid"):
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("normlab_config_groups"):
+        from normlab.cli import config_groups_help
+
+        OmegaConf.register_new_resolver("normlab_config_groups", config_groups_help)
+    if not OmegaConf.has_resolver("normlab_run_name"):
+        from normlab.job_names import run_name
+
+        OmegaConf.register_new_resolver("normlab_run_name", run_name)
+    if not OmegaConf.has_resolver("normlab_job_name"):
+        from normlab.job_names import job_dir_name
+
+        # cached: resolved once per job, before its dir exists
+        OmegaConf.register_new_resolver("normlab_job_name", job_dir_name, use_cache=True)
 
 
 # the keys that name a file the user has: a leading ~ means their home, as in a shell (quoted on

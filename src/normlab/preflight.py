@@ -1,6 +1,7 @@
 """Checks that must answer before Hydra creates the run dir or starts a launcher: a log dir that
-cannot be written, a run dir that another run holds or has finished in (normlab/run_dir.py), and a
-SLURM launcher on a machine without SLURM or without the plugin.
+cannot be written, a run dir that another run holds or has finished in (normlab/run_dir.py), a
+SLURM launcher on a machine without SLURM, and an option whose optional extra (``.[slurm]``,
+``.[optuna]``, ``.[wandb]``, ``.[mlflow]``) is not installed.
 
 Each failure is one paragraph ``normlab: error: ...`` on stderr and exit status 2, with nothing
 created. Imports neither torch nor Lightning.
@@ -19,7 +20,6 @@ from typing import Any, NoReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-SLURM_EXTRA = 'pip install -e ".[slurm]"'
 # a run writes its config, log and checkpoints (the default ConvNet's: about 1 MiB each)
 MIN_FREE_BYTES = 10 * 2**20
 
@@ -62,16 +62,63 @@ def check_writable(directory: str | Path, key: str) -> None:
         )
 
 
+# what a command line may ask for that an optional extra installs: the option, the module it
+# needs, the extra, what the extra is, and what to do instead
+EXTRAS = (
+    (
+        "hydra/launcher=slurm",
+        "hydra_plugins.hydra_submitit_launcher",
+        "slurm",
+        "the SLURM extra (Hydra's submitit launcher plugin)",
+        "drop hydra/launcher=slurm to run the sweep's jobs on this machine",
+    ),
+    (
+        "hparams_search=optuna",
+        "hydra_plugins.hydra_optuna_sweeper",
+        "optuna",
+        "the Optuna extra (Hydra's Optuna sweeper plugin)",
+        "sweep a list of values instead, e.g. -m model.optimizer.lr=0.001,0.003,0.01",
+    ),
+    (
+        "logger=wandb",
+        "wandb",
+        "wandb",
+        "the Weights & Biases extra (the wandb package)",
+        "use logger=tensorboard or logger=csv",
+    ),
+    (
+        "logger=mlflow",
+        "mlflow",
+        "mlflow",
+        "the MLflow extra (the mlflow-skinny package)",
+        "use logger=tensorboard or logger=csv",
+    ),
+)
+
+
+def extra_command(extra: str) -> str:
+    """The one command that installs an optional extra into the current environment."""
+    return f'pip install -e ".[{extra}]"'
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package (hydra_plugins) is not there either
+        return False
+
+
 def check_launcher_installed(argv: Sequence[str]) -> None:
-    """``hydra/launcher=slurm`` needs Hydra's submitit plugin: without it Hydra stops with
-    'Could not load hydra/launcher/submitit_slurm', which does not say what to install."""
-    wants_slurm = any(a.lstrip("+~").startswith("hydra/launcher=slurm") for a in argv)
-    if wants_slurm and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
-        _fail(
-            "hydra/launcher=slurm needs the SLURM extra (Hydra's submitit launcher plugin), which"
-            f" is not installed. Fix: {SLURM_EXTRA}, or drop hydra/launcher=slurm to run the"
-            " sweep's jobs on this machine"
-        )
+    """An option that needs an optional extra which is not installed (``EXTRAS``): without this,
+    Hydra stops with 'Could not load hydra/launcher/submitit_slurm' or Lightning with a
+    ModuleNotFoundError, which do not say what to install."""
+    given = {a.lstrip("+~") for a in argv}
+    for option, module, extra, what, instead in EXTRAS:
+        if option in given and not _installed(module):
+            _fail(
+                f"{option} needs {what}, which is not installed. Fix: {extra_command(extra)},"
+                f" or {instead}"
+            )
 
 
 def _claim(config: DictConfig, run_dir: str, key: str, sweep: bool) -> None:
@@ -102,6 +149,6 @@ class Preflight(Callback):
                 "hydra/launcher=slurm submits every job with SLURM's sbatch, which is not on this"
                 " machine's PATH (not a SLURM login node?). Fix: run the command on a SLURM login"
                 " node, or drop hydra/launcher=slurm to run the sweep's jobs here one after"
-                f" another (the launcher itself comes with {SLURM_EXTRA})"
+                f" another (the launcher itself comes with {extra_command('slurm')})"
             )
         _claim(config, config.hydra.sweep.dir, "hydra.sweep.dir", sweep=True)  # creates it

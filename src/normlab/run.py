@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,23 @@ def _print_lightning_once() -> None:
 
 
 _print_lightning_once()
+
+
+def _is_not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+def _quiet_library_noise() -> None:
+    """Drop what a user cannot act on: Lightning's own use of a torch API torch deprecates
+    (twice a run), its advertising tips (litlogger, litmodels), and on every resume its note
+    that the new run dir does not inherit the old one's top-k checkpoint list (a resume always
+    writes a new run dir here, and its log says which checkpoint it continues)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_is_not_a_tip)
+
+
+_quiet_library_noise()
 
 
 @contextmanager
@@ -153,6 +171,14 @@ def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> L.Tra
         raise trainer_error(cfg.trainer, err.__cause__ or err) from None
 
 
+def describe_model(model: Mapping[str, Any], norm: Mapping[str, Any]) -> str:
+    """``normlab.models.NormLabModule(normlab.models.ConvNet) with norm=batchnorm``; the arch of a
+    torchvision/timm model too."""
+    net = (model.get("net") or {}).get("_target_", "")
+    arch = f" {model['arch']}" if model.get("arch") else ""
+    return f"{model['_target_']}({net}{arch}) with norm={norm.get('name')}"
+
+
 def accelerator_name(trainer: L.Trainer) -> str:
     """``cpu``, ``cuda``, ``mps``, ... for the accelerator the Trainer chose."""
     return type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
@@ -178,8 +204,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         datamodule.check_usable(train=cfg.train, test=cfg.test)
     check_num_classes(datamodule)  # a user's DataModule too
 
-    net = (cfg.model.get("net") or {}).get("_target_", "")
-    log.info("model: %s(%s) with norm=%s", cfg.model._target_, net, cfg.norm.name)
+    log.info("model: %s", describe_model(cfg.model, cfg.norm))
     model = build_model(cfg.model, cfg.norm, datamodule, trusted)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = cfg.get("ckpt_path")  # `last` was resolved to a path by normlab.cli
@@ -256,6 +281,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = dict(saved["model"])
     if model_cfg.get("weights") is not None:
         model_cfg["weights"] = None
+    log.info(
+        "testing %s: %s, on %s", cfg.ckpt_path, describe_model(model_cfg, saved["norm"]),
+        data_cfg.get("name", data_cfg.get("_target_")),
+    )  # fmt: skip
     model = build_model(model_cfg, saved["norm"], datamodule, trusted, source)
     model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
@@ -268,7 +297,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_results(
             run_dir,
             metrics,
-            {"best": str(cfg.ckpt_path), "last": None},
+            {"best": None, "last": None},  # eval.py saves none; "evaluated" names its input
             extra={
                 "task_name": cfg.task_name,
                 "tags": list(cfg.get("tags") or []),

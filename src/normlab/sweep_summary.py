@@ -4,9 +4,10 @@
 end of every ``python train.py -m ...`` it reads each job's ``results.json``, ``.hydra/`` and
 TensorBoard event files and writes
 
-- ``summary.csv``: one row per job: job number, status, its overrides, norm, val/acc, test/acc,
-  epochs, wall time, best checkpoint, run dir. A job without ``results.json`` (it failed or was
-  stopped) gets a row whose status says so and empty metrics.
+- ``summary.csv``: one row per job, in job order: its dir name (``norm=frozen``), status, its
+  overrides, norm, val/acc, test/acc, epochs, wall time, best checkpoint, run dir. A job
+  without ``results.json`` (it failed or was stopped) gets a row whose status says so and empty
+  metrics.
 - ``summary.png``: the final val/acc and test/acc of every job as bars, and every job's
   validation accuracy per epoch read from its event files (matplotlib's Agg backend).
 
@@ -45,12 +46,20 @@ COLUMNS = tuple(
 CURVE_TAG = "val/acc"
 
 
+def _job_number(job_dir: Path) -> int | None:
+    """Hydra's ``hydra.job.num`` of a job dir (named ``norm=frozen`` or ``3``), None if unknown."""
+    path = job_dir / ".hydra" / "hydra.yaml"
+    num = OmegaConf.select(OmegaConf.load(path), "hydra.job.num") if path.is_file() else None
+    if isinstance(num, int):
+        return num
+    return int(job_dir.name) if job_dir.name.isdigit() else None
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job dirs of a sweep dir (those Hydra wrote a ``.hydra/`` into), in job order."""
     dirs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
-    return sorted(
-        dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
-    )
+    numbers = {p: _job_number(p) for p in dirs}
+    return sorted(dirs, key=lambda p: (numbers[p] is None, numbers[p] or 0, p.name))
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
@@ -311,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir() or not job_dirs(args.sweep_dir):
         print(
-            f"normlab: error: {args.sweep_dir} holds no Hydra job dirs (<n>/.hydra); give the"
+            f"normlab: error: {args.sweep_dir} holds no Hydra job dirs (<job>/.hydra); give the"
             " sweep dir of a `python train.py -m ...` run, e.g."
             " logs/compare_norms/multiruns/<timestamp>_<pid>",
             file=sys.stderr,
@@ -321,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row, label in zip(rows, job_labels(rows), strict=True):
         numbers = [f"{k}={row[k]:.4f}" for k in ("val/acc", "test/acc") if row[k] != ""]
         numbers += [f"{k}={row[k]}" for k in ("epochs", "wall_time_s") if row[k] != ""]
-        print(f"job {row['job']}  {label}  {row['status']}  {'  '.join(numbers)}")
+        name = row["job"] if label == row["job"] else f"{row['job']}  {label}"
+        print(f"job {name}  {row['status']}  {'  '.join(numbers)}")
         if args.scalars and row["status"] == "ok":
             for tag, value in last_scalars(Path(row["run_dir"]), args.scalars).items():
                 print(f"    {tag} = {value:.4f}")

@@ -16,8 +16,13 @@ from typing import Any
 
 # PyTorch's names of a norm layer's tensors (gamma is `weight`, beta is `bias`)
 STATS = ("running_mean", "running_var", "weight", "bias")
-# scalars summarizing a statistic over its channels; the margin chart draws mean +- std
-SUMMARIES = ("mean", "std", "mean_minus_std", "mean_plus_std")
+# scalars summarizing a statistic over its channels
+SUMMARIES = ("mean", "std")
+# the band the dashboard's margin charts draw around the mean (mean - std .. mean + std): helper
+# series under their own section, which TensorBoard's Scalars tab lists after the real ones, and
+# written to TensorBoard only (log_scalars keeps them out of metrics.csv)
+BAND_PREFIX = "zz_bands"
+BANDS = ("mean_minus_std", "mean_plus_std")
 # per-layer diagnostics (TrainTestGap)
 GAP_MEAN_SHIFT, GAP_VAR_RATIO = "gap_mean_shift", "gap_var_ratio"
 # run-level (EvalModeGap, BatchNormHeatmap; NormLifecycle logs norm/precise_bn_max_shift,
@@ -36,11 +41,18 @@ def layer_tag(layer: str, *parts: str) -> str:
     return "/".join(("norm", layer, *parts))
 
 
+def band_tag(layer: str, stat: str, bound: str) -> str:
+    """``zz_bands/norm/<layer>/<stat>/<bound>``: a margin chart's lower or upper series."""
+    return f"{BAND_PREFIX}/{layer_tag(layer, stat, bound)}"
+
+
 def summary_scalars(layer: str, stat: str, mean: float, std: float) -> dict[str, float]:
-    """The four summary scalars of one statistic (mean and population std over channels, and
-    the margin chart's band ``mean - std`` .. ``mean + std``)."""
-    values = (mean, std, mean - std, mean + std)
-    return {layer_tag(layer, stat, s): v for s, v in zip(SUMMARIES, values, strict=True)}
+    """The summary scalars of one statistic: ``norm/<layer>/<stat>/mean`` and ``.../std``
+    (population std over channels), and the margin chart's band ``mean - std`` .. ``mean + std``
+    (:func:`band_tag`)."""
+    tags = [layer_tag(layer, stat, s) for s in SUMMARIES]
+    tags += [band_tag(layer, stat, b) for b in BANDS]
+    return dict(zip(tags, (mean, std, mean - std, mean + std), strict=True))
 
 
 def _exact(*tags: str) -> list[str]:
@@ -51,9 +63,9 @@ def _exact(*tags: str) -> list[str]:
 def dashboard_layout(layers: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """The custom-scalars layout (``SummaryWriter.add_custom_scalars``) for ``{layer: the STATS
     it has}``: a run-level category (accuracy in eval vs train mode, loss, learning rate), one
-    category per layer (margin charts of each statistic's mean +- std over channels and the
-    train/test gap of its statistics) and one for activations and gradients (saturation,
-    grad_norm)."""
+    category per layer (margin charts of each statistic's mean +- std over channels, and the
+    train/test gap of its statistics: the mean shift and the variance ratio, a chart each) and
+    one for activations and gradients (saturation, grad_norm)."""
     run = {
         "accuracy: eval mode (running stats) vs train mode (batch stats)": [
             "Multiline",
@@ -66,11 +78,17 @@ def dashboard_layout(layers: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     for layer, stats in layers.items():
         charts = {}
         for stat in stats:
-            tags = [layer_tag(layer, stat, s) for s in ("mean", "mean_minus_std", "mean_plus_std")]
+            tags = [layer_tag(layer, stat, "mean"), *(band_tag(layer, stat, b) for b in BANDS)]
             charts[f"{LABELS.get(stat, stat)}: mean +- std over channels"] = ["Margin", tags]
-        if "running_mean" in stats:
-            gap = _exact(layer_tag(layer, GAP_MEAN_SHIFT), layer_tag(layer, GAP_VAR_RATIO))
-            charts["train/test gap: validation batch vs running statistics"] = ["Multiline", gap]
+        if "running_mean" in stats:  # one quantity a chart: their ideal values differ (0, 1)
+            charts["train/test gap: mean shift of validation batches (0: none)"] = [
+                "Multiline",
+                _exact(layer_tag(layer, GAP_MEAN_SHIFT)),
+            ]
+            charts["train/test gap: variance ratio of validation batches (1: none)"] = [
+                "Multiline",
+                _exact(layer_tag(layer, GAP_VAR_RATIO)),
+            ]
         if charts:
             layout[f"norm/{layer}"] = charts
     layout["activations and gradients"] = {

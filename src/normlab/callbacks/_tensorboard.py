@@ -43,11 +43,19 @@ def scalar_loggers(trainer: Any) -> list[Any]:
 
 def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
     """Send ``{tag: value}`` to every logger at ``step`` through Lightning's logger interface
-    (``logger.log_metrics``, as ``LearningRateMonitor`` does): ``logger=csv`` gets them too."""
+    (``logger.log_metrics``, as ``LearningRateMonitor`` does): ``logger=csv`` gets them too,
+    except the dashboard's helper series (``zz_bands/...``), which only TensorBoard draws."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from normlab.callbacks._tags import BAND_PREFIX
+
     if not metrics:
         return
+    own = {k: v for k, v in metrics.items() if not k.startswith(BAND_PREFIX + "/")}
     for logger in scalar_loggers(trainer):
-        logger.log_metrics(dict(metrics), step=step)
+        logger.log_metrics(
+            dict(metrics if isinstance(logger, TensorBoardLogger) else own), step=step
+        )
 
 
 def tensorboard_writers(trainer: Any) -> list[Any]:

@@ -47,9 +47,11 @@ class BatchNormStats(Callback):
     Layers are named as in the LightningModule's ``named_modules()`` (e.g. ``net.features.1``).
     Points sit at Lightning's own step (see :func:`lightning_step`), ``s``; it writes
 
-    - scalars ``norm/<layer>/<stat>/mean``, ``.../std`` (population std over the channels),
-      ``.../mean_minus_std``, ``.../mean_plus_std`` and ``norm/<layer>/num_batches_tracked``,
-      through every logger (TensorBoard, CSV, ...), when ``s % scalars_every_n_steps == 0``;
+    - scalars ``norm/<layer>/<stat>/mean``, ``.../std`` (population std over the channels) and
+      ``norm/<layer>/num_batches_tracked``, through every logger (TensorBoard, CSV, ...), when
+      ``s % scalars_every_n_steps == 0``; beside them, for the dashboard's margin charts only,
+      TensorBoard scalars ``zz_bands/norm/<layer>/<stat>/mean_minus_std`` and ``.../mean_plus_std``
+      (a section of their own, listed last in the Scalars tab);
     - with ``per_channel``, scalars ``norm/<layer>/<stat>/channel_<c>`` (zero-padded) for layers
       with at most ``max_channels`` channels, at the scalar cadence;
     - TensorBoard histograms ``norm/<layer>/<stat>`` (buckets spanning the values' own range)

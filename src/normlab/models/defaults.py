@@ -88,10 +88,16 @@ def default(name: str) -> dict[str, Any]:
     return asdict({"net": ConvNetConfig, "optimizer": OptimizerConfig}.get(name, SchedulerConfig)())
 
 
+# the model group's structured configs that model YAML files start from (`defaults: [normlab_cnn]`);
+# not a choice of their own, so `--help` leaves them out
+INTERNAL_MODEL_CONFIGS = ("normlab_module", "normlab_cnn")
+
+
 def register_configs() -> None:
     """Store the structured configs that ``configs/model/*.yaml`` start from (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(group="model", name="normlab_module", node=ModelConfig)
-    cs.store(group="model", name="normlab_cnn", node=ModelConfig(net=ConvNetConfig()))
+    module, cnn = INTERNAL_MODEL_CONFIGS
+    cs.store(group="model", name=module, node=ModelConfig)
+    cs.store(group="model", name=cnn, node=ModelConfig(net=ConvNetConfig()))
