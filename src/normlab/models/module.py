@@ -199,9 +199,10 @@ class NormLabModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
+        # labels are class indices, or soft targets (B, classes) from MixUp/CutMix/label smoothing
         loss = F.cross_entropy(logits, labels)
         # update(), not forward(): forward would also compute the batch's accuracy every step
-        self.accuracy["train_"].update(logits, labels)
+        self.accuracy["train_"].update(logits, labels if labels.ndim == 1 else labels.argmax(1))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
