@@ -14,7 +14,17 @@ from normlab.config import register_resolvers, validate_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-GROUPS = ["data", "model", "norm", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = [
+    "data",
+    "augment",
+    "model",
+    "norm",
+    "trainer",
+    "logger",
+    "callbacks",
+    "debug",
+    "experiment",
+]
 
 
 def options(group: str) -> list[str]:

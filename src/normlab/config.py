@@ -36,6 +36,15 @@ def register_resolvers() -> None:
     register_configs()
     if not OmegaConf.has_resolver("normlab_pid"):
         OmegaConf.register_new_resolver("normlab_pid", lambda: os.getpid(), use_cache=True)
+    if not OmegaConf.has_resolver("normlab_linear_lr"):
+        # the linear scaling rule (Goyal et al. 2017): lr = base_lr * batch_size / base_batch
+        OmegaConf.register_new_resolver("normlab_linear_lr", linear_lr)
+
+
+def linear_lr(base_lr: float, batch_size: int, base_batch: int = 256) -> float:
+    """``${normlab_linear_lr:0.1,${data.batch_size},256}``: the learning rate for ``batch_size``
+    that ``base_lr`` is for ``base_batch`` (rounded to 6 significant digits for readable logs)."""
+    return float(f"{base_lr * batch_size / base_batch:.6g}")
 
 
 def _number(

@@ -68,8 +68,10 @@ class ModelConfig:
     activation: Any = None
     # a local state_dict file (.pth/.pt/.safetensors) loaded before the norm conversion
     weights: Any = None
-    optimizer: Any = field(default_factory=OptimizerConfig)
-    scheduler: Any = field(default_factory=SchedulerConfig)
+    # plain dicts, not typed nodes: an experiment's YAML may swap the _target_ and add its own
+    # arguments (SGD's momentum, a warm-up's epochs), as `+model.optimizer.momentum=` does
+    optimizer: Any = field(default_factory=lambda: asdict(OptimizerConfig()))
+    scheduler: Any = field(default_factory=lambda: asdict(SchedulerConfig()))
     # channels-last (NHWC) memory for convolutions, the layout GPU tensor cores prefer
     channels_last: Any = False
     # torch.compile the net (the first steps are slower while it compiles)

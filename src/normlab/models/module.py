@@ -233,7 +233,10 @@ class NormLabModule(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         sched = {k: v for k, v in self.hparams.scheduler.items() if v is not None}
-        if sched["_target_"].endswith("CosineAnnealingLR") and "T_max" not in sched:
+        if (
+            sched["_target_"].endswith(("CosineAnnealingLR", "WarmupCosineLR"))
+            and "T_max" not in sched
+        ):
             sched["T_max"] = max(1, self.trainer.max_epochs)  # the horizon is the run's length
         scheduler = instantiate({**sched, "_partial_": True}, _convert_="all")(optimizer)
         return {
