@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from normlab.data.augment import BatchAugment, batch_seed, log_augmented_batch
 from normlab.data.scaling import FeatureScaler, resolve_scaling
+from normlab.data.shift import shift_images
 from normlab.data.sources import (
     DataSourceError,
     FolderIndex,
@@ -143,6 +144,9 @@ class NormLabDataModule(L.LightningDataModule):
     also decoded in the workers. ``augment`` (``data.augment``, see ``normlab.data.augment``)
     augments training batches: crops and flips per batch on the device (in the workers when
     streaming), then erasing and MixUp/CutMix on the scaled batch, seeded by (seed, epoch, batch).
+    ``test_shift`` (``{"brightness": 0.3, "contrast": 0.5, "noise": 0.1}``) shifts the test
+    split's pixels (``normlab.data.shift``); training, validation and scaling statistics keep the
+    original images.
 
     Example::
 
@@ -169,6 +173,7 @@ class NormLabDataModule(L.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,
         in_memory: bool = True,
         augment: Mapping[str, Any] | None = None,
+        test_shift: Mapping[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -277,6 +282,11 @@ class NormLabDataModule(L.LightningDataModule):
                 if has_test
                 else InMemoryImages(data.train_x, data.train_y, test)
             )
+            if self.hparams.test_shift:
+                test_split = self.splits["test"]
+                shifted = shift_images(test_split.images, **self.hparams.test_shift,
+                                       seed=self.hparams.split_seed)  # fmt: skip
+                self.splits["test"] = InMemoryImages(shifted, test_split.labels)
         if self.scaler is None:
             hp = self.hparams
             # the generator is consumed (one pass over the training split) only for "dataset"

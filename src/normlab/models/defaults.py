@@ -78,6 +78,18 @@ class ModelConfig:
     compile: Any = False
 
 
+# AdamW learning rates that train the deep nets built by name (model=torchvision|timm, 8x8 digits
+# to 32x32 CIFAR) with each norm in a few epochs; the ConvNet's 3e-3 (OptimizerConfig.lr) leaves
+# a ResNet-18 with GroupNorm at chance. Measured on digits with the commands in docs/models.md
+# ("Learning-rate defaults"); tests/test_docs_learn.py runs every documented command with them.
+DEEP_NET_LR = {"default": 1e-3, "groupnorm": 3e-4}
+
+
+def deep_net_lr(norm: str | None) -> float:
+    """``${normlab_deep_net_lr:${norm.name}}``: the default lr of model=torchvision|timm."""
+    return DEEP_NET_LR.get(norm or "default", DEEP_NET_LR["default"])
+
+
 def default(name: str) -> dict[str, Any]:
     """A fresh plain-dict copy of a default: ``"net"`` (the ConvNet), ``"optimizer"``,
     ``"scheduler"``."""
