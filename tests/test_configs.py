@@ -58,7 +58,10 @@ def test_every_option_composes_and_validates(group: str, option: str, tmp_path: 
 
 def test_group_options_are_those_of_the_design() -> None:
     # DESIGN.md's command-line contract (ddp / ddp_sim belong to the multi-GPU work)
-    assert set(options("norm")) == {"none", "batchnorm", "frozen", "groupnorm", "layernorm"}
+    assert set(options("norm")) == {
+        *("none", "batchnorm", "frozen", "groupnorm", "layernorm", "batchrenorm"),
+        *("ghostbatchnorm", "instancenorm", "layernorm2d", "groupnorm1", "gn_ws"),
+    }
     assert set(options("data")) == {
         "digits",
         "mnist",
@@ -112,7 +115,8 @@ def test_model_builds_for_every_norm(norm: str, tmp_path: Path) -> None:
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     # a conv followed by a norm with beta needs no bias of its own
     assert all((c.bias is None) == (norm != "none") for c in convs)
-    assert (len(batchnorm_layers(model)) > 0) == (norm in ("batchnorm", "frozen"))
+    with_running_statistics = ("batchnorm", "frozen", "batchrenorm", "ghostbatchnorm")
+    assert (len(batchnorm_layers(model)) > 0) == (norm in with_running_statistics)
     # hyperparameters are plain data: checkpoints load with weights_only=True
     assert OmegaConf.to_container(OmegaConf.create(dict(model.hparams))) == dict(model.hparams)
     assert all(
@@ -143,3 +147,18 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path: Path) -> None:
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert cfg.trainer.sync_batchnorm is True
     assert cfg.trainer.strategy._target_.endswith("DDPStrategy")
+
+
+def test_init_from_is_opened_by_the_config_check(tmp_path: Path) -> None:
+    import torch
+
+    from normlab.errors import CheckpointError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint")
+    gn = tmp_path / "gn.ckpt"
+    torch.save({"normlab": {"config": {"norm": {"name": "groupnorm"}}}, "state_dict": {}}, gn)
+    for path, message in ((notes, "is not a normlab checkpoint"), (gn, "norm=groupnorm")):
+        container, _ = compose_train(["norm=frozen", f"norm.init_from={path}"], tmp_path)
+        with pytest.raises(CheckpointError, match=f"norm.init_from={path}.*{message}"):
+            validate_train_config(container)

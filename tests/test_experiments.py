@@ -46,7 +46,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize(
     "experiment, key, values",
     [
-        ("compare_norms", "norm", "none,batchnorm,frozen,groupnorm,layernorm"),
+        (
+            "compare_norms",
+            "norm",
+            "none,batchnorm,frozen,groupnorm,layernorm,layernorm2d,instancenorm,batchrenorm,"
+            "ghostbatchnorm,gn_ws",
+        ),
         ("sigmoid_saturation", "norm", "none,batchnorm"),
         ("feature_scaling", "data.scaling", "none,dataset,imagenet,custom"),
     ],

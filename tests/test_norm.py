@@ -200,13 +200,15 @@ def fake_checkpoint(path: Path, state_dict: dict, norm: str = "batchnorm") -> Pa
 
 
 def test_validate_init_from_must_be_a_checkpoint_with_statistics(tmp_path: Path) -> None:
+    from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"norm.init_from=.*notes.txt is not a normlab"):
-        validate_norm_config({"name": "frozen", "init_from": str(text)})
+        init_from_state_dict(str(text))
     gn = fake_checkpoint(tmp_path / "gn.ckpt", {"net.1.weight": torch.ones(2)}, norm="groupnorm")
     with pytest.raises(CheckpointError, match="no BatchNorm running statistics.*norm=groupnorm"):
-        validate_norm_config({"name": "frozen", "init_from": str(gn)})
+        init_from_state_dict(str(gn))
     # a model rebuilt from a checkpoint (eval.py) does not need the init_from file any more
     text.unlink()
     assert isinstance(make_norm_factory({"name": "frozen", "init_from": str(text)})(4), nn.Module)
@@ -469,3 +471,53 @@ def test_acc_is_the_fraction_of_correct_predictions() -> None:
     for stage in ("train_", "val_", "test_"):
         model.accuracy[stage].update(logits, labels)
         assert model.accuracy[stage].compute().item() == pytest.approx(3 / 4)
+
+
+# --- the norm spec: every norm.* key once ------------------------------------------------------
+
+
+def test_every_norm_yaml_lists_the_spec_keys_of_its_norm_with_their_defaults() -> None:
+    import yaml
+
+    from normlab.norm.spec import NORMS, defaults
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "norm"
+    files = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert files == sorted(NORMS)
+    for name in NORMS:
+        assert yaml.safe_load((folder / f"{name}.yaml").read_text()) == defaults(name), name
+
+
+def test_spec_derives_resume_hparams_and_fresh_settings() -> None:
+    from normlab.norm.registry import FRESH
+    from normlab.utils.checkpoints import RESUME_MAY_CHANGE
+    from normlab.utils.results import hparams_row
+
+    assert FRESH == {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
+    norm_may_change = {k for k in RESUME_MAY_CHANGE if k.startswith("norm.")}
+    assert norm_may_change == {
+        "norm.calibration_batches", "norm.init_from", "norm.precise_bn_batches",
+        "norm.distribute_bn", "norm.freeze_at_epoch",
+    }  # fmt: skip
+    row = hparams_row({"norm": {"name": "groupnorm", "num_groups": 4}})
+    norm_columns = [k for k in row if k.startswith("norm.")]
+    assert norm_columns == [
+        "norm.name", "norm.momentum", "norm.eps", "norm.affine", "norm.num_groups",
+        "norm.precise_bn_batches", "norm.distribute_bn", "norm.freeze_at_epoch",
+        "norm.calibration_batches", "norm.init_from", "norm.freeze_affine",
+    ]  # fmt: skip
+    assert (row["norm.num_groups"], row["norm.momentum"]) == (4, "")
+
+
+def test_spec_checks_every_key_it_lists() -> None:
+    from normlab.norm.spec import KEYS
+
+    bad = {"name": "x", "momentum": 2, "eps": -1.0, "affine": 1, "track_running_stats": "no",
+           "num_groups": 0, "precise_bn_batches": -2, "distribute_bn": "yes",
+           "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
+           "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
+           "virtual_batch_size": 0}  # fmt: skip
+    for key in KEYS:
+        cfg = {"name": "batchnorm", key.name: bad[key.name]}
+        with pytest.raises(NormConfigError, match=rf"norm\.{key.name}="):
+            validate_norm_config(cfg)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.norm.spec import BATCH_STATS
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 MODULE_TARGET = "normlab.models.NormLabModule"
@@ -402,7 +403,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     validate_model(cfg["model"])
     validate_trainer(cfg["trainer"])
     if (
-        cfg["norm"].get("name") == "batchnorm"
+        cfg["norm"].get("name") in BATCH_STATS
         and cfg["data"].get("batch_size") == 1
         and cfg.get("train")
     ):
@@ -427,3 +428,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
     )
     channels = list(net["widths"]) if convnet else []
     validate_norm_config(cfg["norm"], channels=channels, max_epochs=cfg["trainer"]["max_epochs"])
+    if cfg["norm"].get("init_from") is not None:  # a checkpoint holding BatchNorm statistics
+        from normlab.callbacks.norm_lifecycle import init_from_state_dict
+
+        init_from_state_dict(cfg["norm"]["init_from"])

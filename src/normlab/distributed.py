@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.norm.spec import BATCH_STATS
 
 log = logging.getLogger("normlab")
 
@@ -87,7 +88,16 @@ def check_batchnorm_setup(cfg: Mapping[str, Any], accelerator: str) -> None:
         ConfigError: ``trainer.sync_batchnorm=true`` on CPU, where torch's SyncBatchNorm raises.
     """
     trainer, norm, data = cfg["trainer"], cfg["norm"], cfg["data"]
-    live_bn = norm.get("name") == "batchnorm"
+    live_bn = norm.get("name") in BATCH_STATS
+    if trainer.get("sync_batchnorm") and live_bn and norm["name"] != "batchnorm":
+        raise ConfigError(
+            "trainer.sync_batchnorm",
+            True,
+            f"norm={norm['name']} normalizes with each process's own batch statistics, and"
+            " SyncBatchNorm would replace its layers by plain BatchNorm. Set"
+            " trainer.sync_batchnorm=false (docs/normalization.md says what each process"
+            " computes), or use norm=batchnorm to sync statistics across GPUs",
+        )
     if trainer.get("sync_batchnorm") and accelerator == "cpu":
         raise ConfigError(
             "trainer.sync_batchnorm",

@@ -11,6 +11,7 @@ from normlab.callbacks.distribute_bn import DistributeBN
 from normlab.callbacks.freeze_schedule import FreezeBatchNorm
 from normlab.callbacks.frozen_calibration import FrozenBNCalibration
 from normlab.callbacks.precise_bn import PreciseBN
+from normlab.norm.spec import value
 
 __all__ = ["DistributeBN", "FreezeBatchNorm", "FrozenBNCalibration", "PreciseBN", "norm_callbacks"]
 
@@ -23,7 +24,7 @@ def norm_callbacks(
     PreciseBN, with ``freeze_at_epoch`` set -> FreezeBatchNorm, with ``distribute_bn`` ->
     DistributeBN (before PreciseBN, whose population statistics then win)."""
     if norm.get("name") == "frozen":
-        return [FrozenBNCalibration(norm.get("calibration_batches", 20), norm.get("init_from"))]
+        return [FrozenBNCalibration(value(norm, "calibration_batches"), norm.get("init_from"))]
     callbacks: list[Callback] = []
     if norm.get("name") == "batchnorm":
         if norm.get("distribute_bn"):

@@ -9,8 +9,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from normlab.callbacks._batches import TrainingBatches
+from normlab.callbacks.norm_lifecycle import init_from_state_dict
 from normlab.errors import CheckpointError
-from normlab.norm import FrozenBatchNorm2d, init_from_state_dict
+from normlab.norm import FrozenBatchNorm2d
 from normlab.norm.stats import apply_population_stats, estimate_population_stats
 
 log = logging.getLogger("normlab")

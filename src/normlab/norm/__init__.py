@@ -1,6 +1,6 @@
 """Normalization, for any model: the registry of norms (``registry``), their layers and
-conversions (``layers``), population statistics (``stats``) and the ``norm`` config checks
-(``schema``, torch-free).
+conversions (``layers``), population statistics (``stats``), every ``norm.*`` key (``spec``) and
+the ``norm`` config checks derived from it (``schema``; both torch-free).
 
 The public names are importable from ``normlab.norm`` itself; they are loaded on first use, so
 ``normlab.norm.schema`` checks a config without importing torch.
@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "schema": ("NORMS CUMULATIVE validate_norm_config init_from_state_dict divisors_hint".split()),
+    "schema": "NORMS CUMULATIVE validate_norm_config divisors_hint".split(),
+    "spec": "KEYS SPEC NormKey".split(),
     "layers": (
         "FrozenBatchNorm2d BatchNorm2dAct GroupNormAct convert_to_frozen convert_to_batchnorm"
         " replace_modules keep_children is_batchnorm is_frozen_batchnorm batchnorm_layers"

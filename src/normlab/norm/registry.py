@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import NormConfigError
+from normlab.norm.batchnorm_variants import BatchRenorm2d, GhostBatchNorm2d
 from normlab.norm.layers import (
     FrozenBatchNorm2d,
     channels_of,
@@ -23,9 +24,8 @@ from normlab.norm.layers import (
     replace_modules,
 )
 from normlab.norm.schema import CUMULATIVE, NORMS, divisors_hint, validate_norm_config
-
-# PyTorch's defaults: what an unset (null) key means for a freshly built layer
-FRESH: dict[str, Any] = {"momentum": 0.1, "eps": 1e-5, "affine": True, "track_running_stats": True}
+from normlab.norm.spec import FRESH, SPEC
+from normlab.norm.weight_standardization import standardize_convs
 
 
 def _momentum(value: Any) -> float | None:
@@ -34,6 +34,12 @@ def _momentum(value: Any) -> float | None:
 
 def _group_norm(groups: int, channels: int, eps: float, affine: bool) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps, affine)
+
+
+def _layer_norm_2d(channels: int, eps: float, affine: bool) -> nn.Module:
+    from timm.layers import LayerNorm2d  # timm's own class, so timm models and ours look alike
+
+    return LayerNorm2d(channels, eps, affine)
 
 
 # name -> constructor(channels, settings): the registry; a setting is never None here
@@ -46,15 +52,37 @@ CONSTRUCTORS: dict[str, Callable[[int, dict[str, Any]], nn.Module]] = {
         c, s["eps"], bool(s.get("freeze_affine")), s["affine"], _momentum(s["momentum"])
     ),
     "groupnorm": lambda c, s: _group_norm(s["num_groups"], c, s["eps"], s["affine"]),
-    # LayerNorm over (C, H, W) of each sample, with per-channel (not per-element) gamma/beta
+    # LayerNorm over (C, H, W) of each sample, with per-channel (not per-element) gamma/beta;
+    # groupnorm1 says what it computes, layernorm is its older name (kept: docs and checkpoints)
     "layernorm": lambda c, s: _group_norm(1, c, s["eps"], s["affine"]),
+    "groupnorm1": lambda c, s: _group_norm(1, c, s["eps"], s["affine"]),
+    # ConvNeXt's LayerNorm: over C at each position (channels only)
+    "layernorm2d": lambda c, s: _layer_norm_2d(c, s["eps"], s["affine"]),
+    "instancenorm": lambda c, s: nn.InstanceNorm2d(c, s["eps"], affine=s["affine"]),
+    "batchrenorm": lambda c, s: BatchRenorm2d(
+        c,
+        s["eps"],
+        _momentum(s["momentum"]),
+        s["affine"],
+        s["r_max"],
+        s["d_max"],
+        s["renorm_warmup_steps"],
+    ),
+    "ghostbatchnorm": lambda c, s: GhostBatchNorm2d(
+        c, s["eps"], _momentum(s["momentum"]), s["affine"], s["virtual_batch_size"]
+    ),
+    # GroupNorm here; convert_norm also weight-standardizes the convolutions feeding the norms
+    "gn_ws": lambda c, s: _group_norm(s["num_groups"], c, s["eps"], s["affine"]),
 }
+# model-wide steps a norm takes after its layers are in place (see convert_norm)
+AFTER_CONVERSION: dict[str, Callable[[nn.Module], object]] = {"gn_ws": standardize_convs}
 assert tuple(CONSTRUCTORS) == NORMS
 
 
 def _settings(cfg: Mapping[str, Any], layer: nn.Module | None = None) -> dict[str, Any]:
-    """Each setting from ``cfg`` when set, else from ``layer`` (converting), else PyTorch's."""
-    out = dict(cfg)
+    """Each setting from ``cfg`` when set, else from ``layer`` (converting), else PyTorch's;
+    a norm's own keys the config lacks (a config built in Python) take the spec's default."""
+    out = {k: SPEC[k].default for k in SPEC if cfg["name"] in SPEC[k].norms} | dict(cfg)
     for key, fresh in FRESH.items():
         if cfg.get(key) is None:
             own = getattr(layer, key, fresh) if layer is not None else fresh
@@ -76,9 +104,12 @@ def make_norm_factory(cfg: Mapping[str, Any]) -> Callable[[int], nn.Module]:
     PyTorch's defaults. The factory is a picklable ``functools.partial``.
 
     ``none`` -> ``nn.Identity``; ``batchnorm`` -> ``nn.BatchNorm2d``; ``frozen`` ->
-    ``FrozenBatchNorm2d``; ``groupnorm`` -> ``nn.GroupNorm(num_groups, C)``; ``layernorm`` ->
-    ``nn.GroupNorm(1, C)``, i.e. LayerNorm over (C, H, W) of each sample with per-channel
-    gamma/beta.
+    ``FrozenBatchNorm2d``; ``groupnorm`` -> ``nn.GroupNorm(num_groups, C)``; ``groupnorm1`` and
+    its older name ``layernorm`` -> ``nn.GroupNorm(1, C)``, i.e. LayerNorm over (C, H, W) of each
+    sample with per-channel gamma/beta; ``layernorm2d`` -> timm's ``LayerNorm2d`` (over C only);
+    ``instancenorm`` -> ``nn.InstanceNorm2d``; ``batchrenorm`` -> ``BatchRenorm2d``;
+    ``ghostbatchnorm`` -> ``GhostBatchNorm2d``; ``gn_ws`` -> ``nn.GroupNorm`` (the convolutions
+    are standardized by :func:`convert_norm`, which ``NormLabModule`` always runs).
     """
     validate_norm_config(cfg, check_files=False)
     return functools.partial(_build_norm, cfg["name"], _settings(cfg))
@@ -93,7 +124,7 @@ def norm_has_bias(cfg: Mapping[str, Any]) -> bool:
     name = cfg.get("name")
     if name == "frozen":
         return True
-    return name in ("batchnorm", "groupnorm", "layernorm") and cfg.get("affine") is not False
+    return name != "none" and cfg.get("affine") is not False
 
 
 def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
@@ -105,8 +136,10 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
     Settings the config leaves unset (null/absent) keep each layer's own: ``frozen`` and
     ``batchnorm`` keep eps, momentum, gamma/beta and running statistics bit-exactly (a round trip
     gives the original layer back); ``groupnorm``/``layernorm`` keep eps and affine and start
-    gamma/beta at ones/zeros (their statistics mean something else); ``none`` is ``nn.Identity``.
-    Other norm layers (GroupNorm, LayerNorm) of the model are left as they are.
+    gamma/beta at ones/zeros (their statistics mean something else); ``none`` is ``nn.Identity``;
+    the other targets are fresh layers of the registry. ``gn_ws`` then weight-standardizes every
+    plain ``nn.Conv2d`` feeding a norm layer (``standardize_convs``). Other norm layers
+    (GroupNorm, LayerNorm) of the model are left as they are.
 
     Raises:
         NormConfigError: a bad config, a ``num_groups`` that does not divide a layer's channels
@@ -118,6 +151,14 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
         convert_norm(model, {"name": "frozen"})  # model.layer1[0].bn1 is a FrozenBatchNorm2d
     """
     validate_norm_config(cfg, check_files=False)
+    name = cfg["name"]
+    model = _convert_layers(model, cfg)
+    if name in AFTER_CONVERSION:
+        AFTER_CONVERSION[name](model)
+    return model
+
+
+def _convert_layers(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
     name = cfg["name"]
     layers = [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
     if name == "frozen":
@@ -138,7 +179,7 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
         momentum = "keep" if cfg.get("momentum") is None else _momentum(cfg["momentum"])
         model = convert_to_batchnorm(model, momentum)
         return replace_modules(model, lambda n, m: _update_batchnorm(m, cfg))
-    if name == "groupnorm":
+    if name in ("groupnorm", "gn_ws"):
         bad = [(n, channels_of(m)) for n, m in layers if channels_of(m) % cfg["num_groups"]]
         if bad:
             channels = sorted({channels_of(m) for _, m in layers})
@@ -153,6 +194,8 @@ def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
         if not is_batchnorm(m):
             return None
         new = _build_norm(name, _settings(cfg, m), channels_of(m))
+        if type(new) is type(m):  # built by the model's norm_layer factory: keep (weights loaded)
+            return m
         ref = m.running_mean if m.running_mean is not None else next(m.parameters(), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import CheckpointError
+from normlab.norm.spec import RESUME_MAY_CHANGE as NORM_RESUME_MAY_CHANGE
 
 CHECKPOINT_KEY = "normlab"
 
@@ -60,18 +61,15 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
 
 
 # Settings a resumed run may change: how it is optimized, sped up or how its statistics are
-# (re)estimated. Every other model.*, norm.* and data.* setting below makes another model.
+# (re)estimated (the norm keys: normlab.norm.spec). Every other model.*, norm.* and data.*
+# setting below makes another model.
 RESUME_MAY_CHANGE = (
     "model.optimizer",
     "model.scheduler",
     "model.compile",
     "model.channels_last",
     "model.weights",
-    "norm.calibration_batches",
-    "norm.init_from",
-    "norm.precise_bn_batches",
-    "norm.distribute_bn",
-    "norm.freeze_at_epoch",
+    *NORM_RESUME_MAY_CHANGE,
 )
 # data settings that decide the model's input and output (the rest: where and how it is read)
 DATA_IDENTITY = ("data._target_", "data.name", "data.image_size", "data.synthetic")

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from normlab.norm.spec import HPARAM_KEYS as NORM_HPARAM_KEYS
 from normlab.utils.atomic_file import atomic_write
 
 # the config keys shown as columns of TensorBoard's HPARAMS table (blank where a run lacks one)
@@ -30,20 +31,9 @@ HPARAM_KEYS = (
     "seed",
 )
 # norm keys every run declares (TensorBoard takes the table's columns from one run's declaration,
-# so a sweep over norms lines up); a run's other norm.* keys are added to its own row
-HPARAM_NORM_KEYS = (
-    "name",
-    "momentum",
-    "eps",
-    "affine",
-    "num_groups",
-    "precise_bn_batches",
-    "distribute_bn",
-    "freeze_at_epoch",
-    "calibration_batches",
-    "init_from",
-    "freeze_affine",
-)
+# so a sweep over norms lines up): those of normlab.norm.spec marked hparam; a run's other norm.*
+# keys are added to its own row
+HPARAM_NORM_KEYS = NORM_HPARAM_KEYS
 # the metric columns of the HPARAMS table, logged as hparams/<name with _ for />
 HPARAM_METRICS = ("val/acc", "test/acc", "val/loss", "test/loss", "train/acc", "train/loss")
 
