@@ -11,9 +11,17 @@ from normlab.callbacks.distribute_bn import DistributeBN
 from normlab.callbacks.freeze_schedule import FreezeBatchNorm
 from normlab.callbacks.frozen_calibration import FrozenBNCalibration
 from normlab.callbacks.precise_bn import PreciseBN
+from normlab.callbacks.precise_bn_accuracy import PreciseBNAccuracy
 from normlab.norm.spec import value
 
-__all__ = ["DistributeBN", "FreezeBatchNorm", "FrozenBNCalibration", "PreciseBN", "norm_callbacks"]
+__all__ = [
+    "DistributeBN",
+    "FreezeBatchNorm",
+    "FrozenBNCalibration",
+    "PreciseBN",
+    "PreciseBNAccuracy",
+    "norm_callbacks",
+]
 
 
 def norm_callbacks(
