@@ -61,8 +61,9 @@ Targets: {", ".join(f"`{k}` {v}" for k, v in results["targets"].items())}.
 ## What is measured
 
 - **template_vs_plain**: training samples/s of the Trainer that `train.py` builds (default
-  callbacks and TensorBoard logger, the callbacks `norm=batchnorm` implies, the reliability
-  callbacks, the Rich progress bar rendering as in a terminal) over a hand-written loop
+  callbacks and TensorBoard logger, the callbacks the model brings (`norm=batchnorm`'s
+  lifecycle, schedule horizon, divergence guard), the Rich progress bar rendering as in a
+  terminal) over a hand-written loop
   (forward, cross-entropy, backward, AdamW step) on the same model ({t["model"]}), data
   ({t["data"]}), device and batch size. The two loops alternate step by step in one process:
   after each Trainer step a callback runs one step of the plain loop (its own copy of the model

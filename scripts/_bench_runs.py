@@ -19,16 +19,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from normlab import run
-from normlab.callbacks import norm_callbacks
 from normlab.config import register_resolvers
 from normlab.norm import param_groups
-from normlab.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 4  # steps before the timed window: allocator, first-call and logger set-up costs
@@ -45,29 +43,45 @@ def compose_config(overrides: Sequence[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def _inspection_keys() -> list[str]:
+    """The entries of configs/callbacks/default.yaml that `callbacks=no_inspection` turns off."""
+    text = (ROOT / "configs" / "callbacks" / "no_inspection.yaml").read_text()
+    return [k for k, v in yaml.safe_load(text).items() if k != "defaults" and v is None]
+
+
+INSPECTION = _inspection_keys()
+
+
 def is_inspection(entry: Any) -> bool:
-    """normlab's own callbacks in configs/callbacks/*.yaml: the BatchNorm statistics and the other
-    TensorBoard diagnostics (Lightning's checkpoint, progress bar and LR monitor are not)."""
-    return bool(entry) and str(entry.get("_target_", "")).startswith("normlab.")
+    """An inspection callback (BatchNorm statistics, the other TensorBoard diagnostics) of
+    configs/callbacks/default.yaml, as `callbacks=no_inspection` names them."""
+    defaults = yaml.safe_load((ROOT / "configs" / "callbacks" / "default.yaml").read_text())
+    targets = {defaults[k]["_target_"] for k in INSPECTION}
+    return bool(entry) and entry.get("_target_") in targets
 
 
-def recipe_callbacks(cfg: DictConfig, inspection: bool) -> list[Callback]:
-    """The callbacks `normlab.run.train` gives the Trainer, optionally without the inspection
-    ones. Mirrors run.py: cfg.callbacks + norm_callbacks + reliability_callbacks."""
-    entries = [c for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    callbacks = [
-        instantiate(c, _convert_="all") for c in entries if inspection or not is_inspection(c)
-    ]
-    for cb in callbacks:  # render the progress bar as in a terminal, into /dev/null
+def recipe_config(cfg: DictConfig, inspection: bool) -> DictConfig:
+    """``cfg``, or ``cfg`` with `callbacks=no_inspection`'s entries off."""
+    if inspection:
+        return cfg
+    return OmegaConf.merge(cfg, {"callbacks": {k: None for k in INSPECTION}})
+
+
+def recipe_trainer(cfg: DictConfig, inspection: bool, extra: Sequence[Callback] = ()) -> Any:
+    """The Trainer train.py builds (`normlab.run.build_trainer`), optionally without the
+    inspection callbacks, with ``extra`` callbacks; its progress bar renders as in a terminal,
+    into /dev/null."""
+    trainer = run.build_trainer(recipe_config(cfg, inspection), extra)
+    for cb in trainer.callbacks:
         if isinstance(cb, RichProgressBar):
             null = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
             cb._console_kwargs = {"file": null, "force_terminal": True, "width": 120}
-    callbacks += norm_callbacks(cfg.norm, cfg.trainer)
-    try:
-        from normlab.callbacks.reliability import reliability_callbacks
-    except ImportError:  # older trees without the reliability callbacks
-        return callbacks
-    return callbacks + reliability_callbacks(Path(cfg.paths.output_dir) / "checkpoints")
+    return trainer
+
+
+def recipe_callbacks(cfg: DictConfig, inspection: bool) -> list[Callback]:
+    """The callbacks of the Trainer train.py builds, optionally without the inspection ones."""
+    return list(recipe_trainer(cfg, inspection).callbacks)
 
 
 def build_model(cfg: DictConfig, datamodule: Any, seed: int = 0) -> Any:
@@ -195,11 +209,10 @@ def run_template(
     )
     model = build_model(run_cfg, dm)
     clock = Interleaved(PlainLoop(run_cfg, dm, device) if plain else None, device)
-    callbacks = recipe_callbacks(run_cfg, inspection)
+    trainer = recipe_trainer(run_cfg, inspection, [clock])
     targets = {c._target_ for c in run_cfg.callbacks.values() if is_inspection(c)}
     events: list = []
-    time_hooks([c for c in callbacks if _target(c) in targets], events)
-    trainer = build_trainer(run_cfg, [*callbacks, clock])
+    time_hooks([c for c in trainer.callbacks if _target(c) in targets], events)
     trainer.fit(model, datamodule=dm)
     return timings(clock, steps, events)
 

@@ -32,15 +32,92 @@ COMMON=(trainer=gpu data=synthetic trainer.max_epochs=3 callbacks.rich_progress_
   trainer.precision=bf16-mixed hydra.run.dir="$OUT/resnet18_frozen_bf16" \
   > "$OUT/resnet18_frozen_bf16.log" 2>&1
 
-"$PY" - "$OUT" <<'EOF'
-import json, os, sys, tempfile
-from pathlib import Path
+cat > "$OUT/sync_check.py" <<'EOF'
+"""2 ranks on cuda:0 over gloo: normlab's LayerSync, SyncBatchNorm vs a one-process reference."""
+import json, os, socket, sys
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
-from normlab.models.backbone import ConvNet
-from normlab.norm import FrozenBatchNorm2d, convert_to_frozen, make_norm_factory
+from normlab.norm import FrozenBatchNorm2d, keep_children
+from normlab.norm.sync import SyncBatchNormKeepingActivations
+
+B = 16
+
+
+def model() -> nn.Module:
+    """conv -> BatchNorm2d with a fused ReLU (as timm's BatchNormAct2d) -> conv -> frozen BN."""
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.act = nn.ReLU()
+    bn = keep_children(holder, nn.BatchNorm2d(8, momentum=0.3))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.3)
+    frozen = FrozenBatchNorm2d(8)
+    frozen.running_mean.fill_(0.5)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.Conv2d(8, 8, 1), frozen)
+
+
+def batch() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2 * B, 3, 16, 16, generator=gen) * 2 + 1
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    net = SyncBatchNormKeepingActivations().apply(model()).cuda().train()
+    y = net(batch()[rank * B : (rank + 1) * B].cuda())
+    if rank == 0:
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+        torch.save({"y": y.detach().cpu(), "types": [type(m).__name__ for m in net],
+                    "act": isinstance(getattr(net[1], "act", None), nn.ReLU), **state}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.cpu() - b.cpu()).abs().max().item()
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, f"{out}/sync_rank0.pt"), nprocs=2, join=True)
+    synced = torch.load(f"{out}/sync_rank0.pt", weights_only=True)
+    reference, half = model().cuda().train(), model().cuda().train()
+    with torch.no_grad():
+        y_ref = reference(batch().cuda())  # one process, the whole batch
+        y_half = half(batch()[:B].cuda())  # unsynced: rank 0's samples alone
+    stats = ("running_mean", "running_var")
+    result = {
+        "types": synced["types"],
+        "act_kept": synced["act"],
+        "output_vs_reference": gap(synced["y"], y_ref[:B]),
+        "output_vs_unsynced": gap(synced["y"], y_half),
+        "stats_vs_reference": max(gap(synced[f"1.{k}"], getattr(reference[1], k)) for k in stats),
+        "stats_vs_unsynced": max(gap(synced[f"1.{k}"], getattr(half[1], k)) for k in stats),
+        "frozen_unchanged": gap(synced["3.running_mean"], torch.full((8,), 0.5)) == 0.0,
+    }
+    with open(f"{out}/sync_check.json", "w") as f:
+        json.dump(result, f)
+EOF
+if ! "$PY" "$OUT/sync_check.py" "$OUT" > "$OUT/sync_check.log" 2>&1; then
+  echo "gpu_check: the SyncBatchNorm check crashed ($OUT/sync_check.log):" >&2
+  cat "$OUT/sync_check.log" >&2
+  exit 1
+fi
+
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+import torch
 
 out = Path(sys.argv[1])
 rows = []
@@ -48,46 +125,23 @@ for name in ("fp32", "bf16_channels_last", "resnet18_frozen_bf16"):
     r = json.loads((out / name / "results.json").read_text())
     m = r["metrics"]
     rows.append((name, m.get("val/acc"), m.get("test/acc"), r.get("wall_time_s")))
-
-# SyncBatchNorm in a one-process NCCL group: must match BatchNorm2d exactly in train mode
-store = tempfile.NamedTemporaryFile(delete=False).name
-dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
-torch.manual_seed(0)
-cfg = {"name": "batchnorm"}
-
-
-def convnet() -> ConvNet:
-    return ConvNet(
-        3, 10, widths=(16, 32), blocks_per_stage=1, activation="relu", dropout=0.0,
-        norm_layer=make_norm_factory(cfg), conv_bias=False,
-    )
-
-
-bn_model = convnet().cuda()
-sync_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(convnet()).cuda()
-sync_model.load_state_dict(bn_model.state_dict())
-x = torch.randn(32, 3, 32, 32, device="cuda")
-diff_out = (bn_model(x) - sync_model(x)).abs().max().item()
-diff_stats = max(
-    (a - b).abs().max().item()
-    for (ka, a), (kb, b) in zip(bn_model.state_dict().items(), sync_model.state_dict().items())
-    if "running" in ka
-)
-n_sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in sync_model.modules())
-frozen = convert_to_frozen(convnet())
-frozen = torch.nn.SyncBatchNorm.convert_sync_batchnorm(frozen)
-n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules())
-dist.destroy_process_group()
-os.unlink(store)
+sync = json.loads((out / "sync_check.json").read_text())
 
 print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
 print(f"{'run':<22}{'val/acc':>10}{'test/acc':>10}{'wall s':>10}")
 for name, val, test, wall in rows:
     print(f"{name:<22}{val:>10.4f}{test:>10.4f}{wall:>10.1f}")
-print(f"SyncBatchNorm layers after conversion: {n_sync}; max |output diff| vs BatchNorm2d:"
-      f" {diff_out:.2e}; max |running stat diff|: {diff_stats:.2e}")
-print(f"FrozenBatchNorm2d layers left alone by convert_sync_batchnorm: {n_frozen} of 2")
-ok = diff_out < 1e-4 and diff_stats < 1e-5 and n_sync == 2 and n_frozen == 2
+print(f"SyncBatchNorm, 2 processes x 16 samples (gloo): layers {sync['types']}, activation kept:"
+      f" {sync['act_kept']}, frozen layer unchanged: {sync['frozen_unchanged']}")
+print(f"  max |diff| vs one process on 32 samples: output {sync['output_vs_reference']:.2e},"
+      f" running stats {sync['stats_vs_reference']:.2e}")
+print(f"  max |diff| vs unsynced BatchNorm on 16 samples (must be large): output"
+      f" {sync['output_vs_unsynced']:.2e}, running stats {sync['stats_vs_unsynced']:.2e}")
+ok = (
+    sync["types"][1] == "SyncBatchNormAct" and sync["act_kept"] and sync["frozen_unchanged"]
+    and sync["output_vs_reference"] < 1e-4 and sync["stats_vs_reference"] < 1e-5
+    and sync["output_vs_unsynced"] > 1e-3 and sync["stats_vs_unsynced"] > 1e-3
+)
 print("gpu_check:", "OK" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 EOF

@@ -1,13 +1,15 @@
-"""Print every normalization layer of a normlab checkpoint the way ``vars(layer)`` shows it.
+"""Print every normalization layer of a normlab checkpoint as the trained network holds it.
 
     python scripts/inspect_bn.py logs/train/runs/<run>/checkpoints/last.ckpt
     python scripts/inspect_bn.py CKPT --layer net.features.1
 
-The checkpoint is read with ``torch.load(weights_only=True)`` (no code in it runs); each layer is
-rebuilt with the run's own norm config and loaded from the checkpoint's state_dict, so what is
-printed is what the model would hold: running_mean, running_var, num_batches_tracked, weight
-(gamma), bias (beta), momentum, eps, affine, track_running_stats. Works for norm=batchnorm,
-frozen, groupnorm and layernorm checkpoints; torch only, no Lightning.
+The checkpoint is read with ``torch.load(weights_only=True)`` (no code in it runs); the model is
+rebuilt from the checkpoint's own hyperparameters as ``eval.py`` does (``NormLabModule``, with
+the norm conversion, the layers the run froze with ``norm.freeze_at_epoch``), and its weights
+are loaded. Each layer is then printed from the model: its class (a fused activation such as
+timm's ``act`` shows as a child), running_mean, running_var, num_batches_tracked, weight (gamma),
+bias (beta), momentum, eps, affine, track_running_stats, num_groups and, for a frozen layer,
+freeze_affine and the momentum of the BatchNorm it was frozen from (``source_momentum``).
 """
 
 from __future__ import annotations
@@ -30,41 +32,35 @@ ATTRIBUTES = (
     "track_running_stats",
     "num_groups",
     "freeze_affine",
+    "source_momentum",
 )
 
 
 def norm_layers(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """``{qualified name: layer}`` for each normalization layer in ``checkpoint["state_dict"]``.
+    """``{qualified name: layer}`` for each normalization layer of the model ``checkpoint`` holds,
+    rebuilt from its hyperparameters with its weights loaded (in eval mode).
 
-    A module of the state_dict is a normalization layer when a layer built by the run's norm
-    factory with its channel count has exactly its keys and shapes; it is then loaded from them.
+    Raises:
+        CheckpointError: the checkpoint has no NormLabModule hyperparameters to rebuild it from.
     """
-    from normlab.norm import make_norm_factory
+    from normlab.errors import CheckpointError
+    from normlab.models import NormLabModule
+    from normlab.norm import is_norm_layer
 
-    norm = (checkpoint.get("hyper_parameters") or {}).get("norm")
-    if norm is None:
-        norm = checkpoint["normlab"]["config"]["norm"]
-    if norm.get("name") == "none":
-        return {}
-    factory = make_norm_factory(norm)
-    groups: dict[str, dict[str, Any]] = {}
-    for key, value in checkpoint["state_dict"].items():
-        module, _, leaf = key.rpartition(".")
-        groups.setdefault(module, {})[leaf] = value
-    layers = {}
-    for name, tensors in groups.items():
-        vectors = [t for t in tensors.values() if t.dim() == 1]
-        if not vectors or any(t.dim() > 1 for t in tensors.values()):
-            continue  # convolutions and linear layers have 2-d or 4-d weights
-        try:
-            layer = factory(vectors[0].shape[0])
-        except ValueError:  # e.g. a channel count that num_groups does not divide
-            continue
-        own = layer.state_dict()
-        if own.keys() == tensors.keys() and all(own[k].shape == tensors[k].shape for k in own):
-            layer.load_state_dict(tensors)
-            layers[name] = layer.eval()
-    return layers
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    target = (((checkpoint.get("normlab") or {}).get("config") or {}).get("model") or {}).get(
+        "_target_", "normlab.models.NormLabModule"
+    )
+    if "norm" not in hparams or not target.startswith("normlab.models"):
+        raise CheckpointError(
+            f"the checkpoint holds no NormLabModule hyperparameters (its model is {target});"
+            " inspect_bn rebuilds normlab's models only (train.py's model._target_)"
+        )
+    hparams["weights"] = None  # the checkpoint's own weights replace them below
+    model = NormLabModule(**hparams)
+    model.on_load_checkpoint(dict(checkpoint))  # layers frozen during training
+    model.load_state_dict(checkpoint["state_dict"])
+    return {name: m for name, m in model.eval().named_modules() if is_norm_layer(m)}
 
 
 def describe(name: str, layer: Any) -> str:
@@ -82,7 +78,7 @@ def describe(name: str, layer: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Print the normalization layers of a normlab checkpoint (like vars(layer))."
+        description="Print the norm layers of a normlab checkpoint as the model holds them."
     )
     parser.add_argument("ckpt", help="a .ckpt written by train.py")
     parser.add_argument("--layer", help="only this layer, e.g. net.features.1")

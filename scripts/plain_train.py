@@ -41,6 +41,22 @@ def convnet(in_channels: int, num_classes: int, widths=(32, 64, 128)) -> nn.Modu
     )
 
 
+def split_rows(data, val_fraction: float, test_fraction: float) -> tuple[tuple, tuple, tuple]:
+    """((train_x, train_y), (val_x, val_y), (test_x, test_y)) as uint8/int64 tensors: normlab's
+    split, a permutation fixed by split_seed 0 (``NormLabDataModule._split_indices``); a data set
+    with an official test split holds out only the validation rows."""
+    n = data.train_x.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_val = max(1, round(val_fraction * n))
+    has_test = data.test_x is not None
+    n_test = 0 if has_test or test_fraction == 0 else max(1, round(test_fraction * n))
+    train_idx, val_idx = order[n_val + n_test :], order[:n_val]
+    test_idx = order[n_val : n_val + n_test]
+    x, y = data.train_x, data.train_y
+    test = (data.test_x, data.test_y) if has_test else (x[test_idx], y[test_idx])
+    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), test
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
@@ -48,6 +64,8 @@ def main() -> None:
     parser.add_argument("--synthetic", help="C,H,W of data=synthetic (default: digits)")
     parser.add_argument("--num-samples", type=int, default=1024)
     parser.add_argument("--num-test", type=int, default=256)
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -59,21 +77,9 @@ def main() -> None:
         data = load_source("synthetic", "data", synthetic=options, seed=0)
     else:
         data = load_source("digits", "data")
-    # normlab's split: a permutation fixed by split_seed 0; 15% validation (and 15% test)
-    n = data.train_x.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    n_val = max(1, round(0.15 * n))
-    n_test = 0 if data.test_x is not None else max(1, round(0.15 * n))
-    train_idx, val_idx = order[n_val + n_test :], order[:n_val]
-    test_x, test_y = (
-        (data.test_x, data.test_y)
-        if data.test_x is not None
-        else (
-            data.train_x[order[n_val : n_val + n_test]],
-            data.train_y[order[n_val : n_val + n_test]],
-        )
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = split_rows(
+        data, args.val_fraction, args.test_fraction
     )
-    train_x, train_y = data.train_x[train_idx], data.train_y[train_idx]
     pixels = train_x.double().div(255)
     mean = pixels.mean((0, 2, 3)).float().reshape(1, -1, 1, 1)
     std = pixels.std((0, 2, 3), unbiased=False).float().reshape(1, -1, 1, 1)
@@ -102,6 +108,7 @@ def main() -> None:
         return correct / len(y)
 
     checkpoints = Path(tempfile.mkdtemp(prefix="plain_train_"))
+    steps = 0
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(epoch))
@@ -113,15 +120,17 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
         schedule.step()
-        val_acc = accuracy(data.train_x[val_idx], data.train_y[val_idx])
+        val_acc = accuracy(val_x, val_y)
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
             checkpoints / "last.ckpt",
         )
     test_acc = accuracy(test_x, test_y)
     seconds = round(time.perf_counter() - started, 2)
-    print(json.dumps({"val/acc": val_acc, "test/acc": test_acc, "main_s": seconds}))
+    report = {"val/acc": val_acc, "test/acc": test_acc, "steps": steps, "main_s": seconds}
+    print(json.dumps({**report, "batch_size": args.batch_size, "train_samples": len(train_y)}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One row per BatchNorm layer (named as in the model's ``named_modules()``), one c
 statistic: running_mean, running_var, weight (gamma), bias (beta). Each panel shows the mean over
 the layer's channels against the optimizer step, with a band of +-1 standard deviation across
 channels, read from the ``norm/<layer>/<stat>/{mean,std}`` scalars that
-``normlab.callbacks.bn_stats.BatchNormStats`` logs. Needs no display (matplotlib's Agg).
+``normlab.callbacks.batch_norm_stats.BatchNormStats`` logs. Needs no display (matplotlib's Agg).
 """
 
 from __future__ import annotations

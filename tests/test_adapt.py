@@ -35,8 +35,8 @@ def _evaluated_model(tmp_path: Path, monkeypatch, *overrides: str):
     seen = {}
     build_trainer = run.build_trainer
 
-    def recording(cfg, callbacks):
-        seen["trainer"] = build_trainer(cfg, callbacks)
+    def recording(cfg, *args):
+        seen["trainer"] = build_trainer(cfg, *args)
         return seen["trainer"]
 
     monkeypatch.setattr(run, "build_trainer", recording)

@@ -106,6 +106,45 @@ def test_atomic_write_replaces_and_cleans_stale_temps(tmp_path: Path) -> None:
     assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_atomic_write_order_is_write_fsync_replace_fsync_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durable-write order: the temp file is written, flushed and fsynced, then renamed over
+    the target, then the directory is fsynced (so the rename survives a crash). Dropping a fsync
+    or renaming before the data is on disk fails here, though every file still looks right."""
+    target = tmp_path / "last.ckpt"
+    target.write_bytes(b"old")
+    calls: list[tuple] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        calls.append(("fsync", path.name if path != tmp_path else "<dir>", path.stat().st_size))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    def write(f) -> None:
+        calls.append(("write",))
+        f.write(b"new content")
+
+    atomic_write(target, write)
+    kinds = [c[0] for c in calls]
+    assert kinds == ["write", "fsync", "replace", "fsync"], calls
+    temp_name = calls[2][1]
+    assert temp_name.startswith(".last.ckpt.") and temp_name.endswith(TEMP_SUFFIX)
+    # the file fsynced is the temp file, holding all of the new content (11 bytes), not the target
+    assert calls[1] == ("fsync", temp_name, len(b"new content"))
+    assert calls[2][2] == "last.ckpt"
+    assert calls[3][1] == "<dir>"  # the directory holding the target
+    assert target.read_bytes() == b"new content"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

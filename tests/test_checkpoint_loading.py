@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from normlab.errors import CheckpointError
-from normlab.utils.checkpoints import (
-    _reason,
-    check_resumable,
-    config_differences,
-    find_last_checkpoint,
-    load_checkpoint,
-    nothing_left,
-)
+from normlab.resume import check_resumable, config_differences, find_last_checkpoint, nothing_left
+from normlab.utils.checkpoints import _reason, load_checkpoint
 from tests.test_resume import CONFIG, _aged, _checkpoint, _config
 
 HINT = "give a .ckpt written by train.py, e.g. logs/train/runs/<run>/checkpoints/last.ckpt."

@@ -124,12 +124,6 @@ def test_model_builds_for_every_norm(norm: str, tmp_path: Path) -> None:
     )
 
 
-def test_seed_zero_is_kept(tmp_path: Path) -> None:
-    container, _ = compose_train(["seed=0"], tmp_path)
-    assert container["seed"] == 0
-    validate_train_config(container)
-
-
 def test_eval_config_requires_ckpt_path(tmp_path: Path) -> None:
     _, cfg = compose_train([], tmp_path, config_name="eval")
     assert OmegaConf.missing_keys(cfg) == {"ckpt_path"}

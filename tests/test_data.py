@@ -26,6 +26,13 @@ def all_batches(loader, dm) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
+def _assert_partition(parts: dict[str, list], everything: list) -> None:
+    """train, val and test are pairwise disjoint and together hold every sample exactly once."""
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(parts[a]) & set(parts[b]), f"{a} and {b} share samples"
+    assert sorted(parts["train"] + parts["val"] + parts["test"]) == sorted(everything)
+
+
 def test_split_is_fixed_disjoint_and_complete() -> None:
     a, b = make_dm(), make_dm()
     sizes = {k: len(v) for k, v in a.splits.items()}
@@ -34,9 +41,31 @@ def test_split_is_fixed_disjoint_and_complete() -> None:
         assert torch.equal(a.splits[split].images, b.splits[split].images)
     other = make_dm(split_seed=1)
     assert not torch.equal(a.splits["val"].images, other.splits["val"].images)
-    # no image is in two splits: compare as rows of bytes
-    rows = {s: {bytes(x.flatten().tolist()) for x in a.splits[s].images} for s in a.splits}
-    assert not rows["train"] & rows["val"] and not rows["train"] & rows["test"]
+    # the three splits are views of the 1797 digits: their rows partition the data set
+    _assert_partition({s: a.splits[s].index.tolist() for s in a.splits}, list(range(1797)))
+    # and each split's images are the data set's rows it names
+    shared = a.splits["train"]._images
+    for split in ("train", "val", "test"):
+        assert torch.equal(a.splits[split].images, shared[a.splits[split].index])
+
+
+def test_streamed_split_is_disjoint_and_complete(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    files = []
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(15):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+                tmp_path / cls / f"{i}.png"
+            )
+            files.append(str(tmp_path / cls / f"{i}.png"))
+    dm = make_dm(
+        name="imagefolder", data_dir=str(tmp_path), in_memory=False, image_size=[6, 6],
+        val_fraction=0.2, test_fraction=0.2,
+    )  # fmt: skip
+    parts = {s: [str(Path(p)) for p, _ in dm.splits[s].samples] for s in dm.splits}
+    assert {s: len(v) for s, v in parts.items()} == {"train": 18, "val": 6, "test": 6}
+    _assert_partition(parts, files)
 
 
 def test_dataset_scaling_uses_training_split_statistics() -> None:

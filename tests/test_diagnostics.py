@@ -15,10 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlab.callbacks.bn_heatmap import BatchNormHeatmap
-from normlab.callbacks.bn_stats import BatchNormStats
+from normlab.callbacks.batch_norm_heatmap import BatchNormHeatmap
+from normlab.callbacks.batch_norm_stats import BatchNormStats
 from normlab.callbacks.eval_mode_gap import EvalModeGap, batch_statistics
-from normlab.callbacks.saturation import SaturationMonitor, saturated_fraction, saturation_threshold
+from normlab.callbacks.saturation_monitor import (
+    SaturationMonitor,
+    saturated_fraction,
+    saturation_threshold,
+)
 from normlab.callbacks.train_test_gap import TrainTestGap, batch_stat_gap
 from normlab.errors import ConfigError
 

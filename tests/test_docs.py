@@ -1,7 +1,7 @@
 """Every `python train.py ...` command shown in README.md and docs/ composes with Hydra (no
 unknown key, group option or stale name) and passes normlab's up-front checks, without training.
 A command documented to fail (`# fails` after it, or a `normlab: error:` line shown under it) is
-exempt: its error is the point (an up-front refusal, or one at run time such as missing data)."""
+run in-process as train.py runs it, and must be refused (exit 2) with the words the docs show."""
 
 from __future__ import annotations
 
@@ -21,9 +21,14 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"```(?:bash|console|sh|shell)?\n(.*?)```", re.S)
 
 
+# page:line -> the refusal the docs show under a command (`normlab: error: ...`)
+SHOWN: dict[str, str] = {}
+
+
 def documented_commands() -> list[tuple[str, str]]:
     """(page:line, command) of each `python train.py` line in a fenced block (`$ ` prompts and
-    `\\` continuations handled); commands with shell variables are skipped."""
+    `\\` continuations handled); commands with shell variables are skipped. A refusal shown
+    under a command is recorded in ``SHOWN``."""
     found = []
     for page in PAGES:
         text = page.read_text()
@@ -35,9 +40,11 @@ def documented_commands() -> list[tuple[str, str]]:
                 if not line.startswith("python train.py") or "$" in line:
                     continue
                 shown = lines[offset + 1].strip() if offset + 1 < len(lines) else ""
+                where = f"{page.relative_to(ROOT)}:{start + offset}"
                 if shown.startswith("normlab: error:"):  # a console example of a refusal
                     line += "  # fails"
-                found.append((f"{page.relative_to(ROOT)}:{start + offset}", line))
+                    SHOWN[where] = shown.removeprefix("normlab: error:").strip()
+                found.append((where, line))
     return found
 
 
@@ -66,10 +73,15 @@ def test_the_docs_show_commands() -> None:
 
 
 @pytest.mark.parametrize("where, command", COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_documented_command_composes_and_validates(where: str, command: str, tmp_path) -> None:
+def test_documented_command_composes_and_validates(
+    where: str, command: str, tmp_path, capsys
+) -> None:
     combos, fails = _overrides(command)
     for overrides in combos:
         overrides = [o.replace("<", "").replace(">", "") for o in overrides]
+        if fails:
+            _assert_refused(where, overrides, tmp_path, capsys)
+            continue
         try:
             container, _ = compose_train(overrides, tmp_path)
             if "ckpt_path=" in command and "ckpt_path=last" not in command:
@@ -78,6 +90,27 @@ def test_documented_command_composes_and_validates(where: str, command: str, tmp
                 container["norm"]["init_from"] = None
             validate_train_config(container)
         except (NormlabError, Exception) as err:
-            if fails:
-                continue
             raise AssertionError(f"{where}: {command}\n{type(err).__name__}: {err}") from err
+
+
+def _assert_refused(where: str, overrides: list[str], tmp_path, capsys) -> None:
+    """A documented refusal, run in-process as train.py runs it: exit 2 and the shown words (up
+    to an elided ``...``), or, where the docs show none, an error naming a key of the command."""
+    from normlab.cli import run_task
+
+    _, cfg = compose_train(overrides, tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_task("train", cfg)
+    message = capsys.readouterr().err
+    assert exited.value.code == 2, f"{where}: exit {exited.value.code}\n{message[-2000:]}"
+    assert message.startswith("normlab: error: "), message[-2000:]
+    shown = SHOWN.get(where)
+    if shown:
+        expected = " ".join(shown.split("...")[0].split())
+        assert expected in " ".join(message.split()), (
+            f"{where}: docs show {shown!r}, got {message!r}"
+        )
+    else:
+        keys = [o.split("=", 1)[0] for o in overrides]
+        assert any(k in message for k in keys), f"{where}: {message!r} names none of {keys}"

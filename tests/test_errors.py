@@ -136,7 +136,7 @@ def test_bad_input_fails_clearly(case: tuple, bad_runs: dict[str, Run]) -> None:
 
 
 def test_divergence_guard_rejects_bad_args() -> None:
-    from normlab.callbacks.divergence import DivergenceGuard
+    from normlab.callbacks.divergence_guard import DivergenceGuard
 
     with pytest.raises(ValueError, match="at least 1"):
         DivergenceGuard(check_every_n_steps=0)

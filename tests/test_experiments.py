@@ -66,7 +66,8 @@ def test_experiments_sweep_their_own_list(experiment: str, key: str, values: str
 def test_sigmoid_saturation_is_a_sigmoid_cnn_with_saturation_diagnostics() -> None:
     cfg = compose_with_hydra("experiment=sigmoid_saturation")
     assert cfg.model.net.activation == "sigmoid" and cfg.norm.name == "none"
-    assert cfg.callbacks.saturation._target_ == "normlab.callbacks.saturation.SaturationMonitor"
+    target = "normlab.callbacks.saturation_monitor.SaturationMonitor"
+    assert cfg.callbacks.saturation._target_ == target
     assert cfg.callbacks.saturation.every_n_steps >= 1
     # a job of the sweep sets norm=batchnorm on its command line, over the file's norm: none
     assert compose_with_hydra("experiment=sigmoid_saturation", "norm=batchnorm").norm.name == (

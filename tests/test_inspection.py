@@ -366,3 +366,49 @@ def test_tensorboard_serves_tags_layout_histograms_and_hparams(bn_run):
         assert {"norm.name", "norm.precise_bn_batches", "model._target_", "tags"} <= columns
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert {"hparams/val_acc", "hparams/test_acc"} <= metrics
+
+
+def _checkpoint(tmp_path, name: str, frozen_layers: tuple[str, ...] = (), **kwargs) -> str:
+    """A normlab checkpoint of NormLabModule(**kwargs), written as train.py writes one."""
+    from normlab.models import NormLabModule
+
+    model = NormLabModule(num_classes=3, in_channels=3, **kwargs)
+    ckpt = tmp_path / f"{name}.ckpt"
+    entry = {"format": 1, "config": None, "frozen_layers": list(frozen_layers)}
+    if frozen_layers:  # what norm.freeze_at_epoch leaves behind: those layers frozen
+        from normlab.norm import freeze_named_layers
+
+        freeze_named_layers(model, list(frozen_layers))
+    payload = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save({**payload, "normlab": entry}, ckpt)
+    return str(ckpt)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "frozen"])
+def test_inspect_bn_shows_the_models_own_eps_and_momentum(norm, tmp_path, capsys):
+    net = {"_target_": "normlab.models.torchvision_net"}
+    ckpt = _checkpoint(tmp_path, norm, norm={"name": norm}, net=net, arch="mobilenet_v3_small")
+    status, out, err = script_main(
+        "inspect_bn.py", ckpt, "--layer", "net.features.0.1", capsys=capsys
+    )
+    assert status == 0, err
+    assert "eps                  0.001" in out  # torchvision builds MobileNetV3 with these
+    momentum = "source_momentum      0.01" if norm == "frozen" else "momentum             0.01"
+    assert momentum in out
+
+
+def test_inspect_bn_shows_fused_activations_and_late_frozen_layers(tmp_path, capsys):
+    pytest.importorskip("timm")
+    net = {"_target_": "normlab.models.timm_net"}
+    ckpt = _checkpoint(
+        tmp_path,
+        "effnet",
+        ("net.bn2",),
+        norm={"name": "batchnorm"},
+        net=net,
+        arch="efficientnet_b0",
+    )
+    status, out, err = script_main("inspect_bn.py", ckpt, capsys=capsys)
+    assert status == 0, err
+    assert "net.bn1: BatchNormAct2d(\n  32, eps=1e-05" in out and "(act): SiLU(" in out
+    assert "net.bn2: FrozenBatchNorm2d(\n  1280, eps=1e-05" in out  # frozen late

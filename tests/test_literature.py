@@ -77,7 +77,7 @@ def test_table_lays_out_each_jobs_metric_by_two_config_keys(tmp_path: Path, caps
 def test_precise_bn_accuracy_scores_a_copy_and_leaves_training_alone(tmp_path: Path) -> None:
     import lightning as L
 
-    from normlab.callbacks import PreciseBNAccuracy
+    from normlab.callbacks.precise_bn_accuracy import PreciseBNAccuracy
     from normlab.data import NormLabDataModule
     from normlab.models import NormLabModule
 

@@ -145,38 +145,30 @@ def test_local_weights_give_frozen_statistics_without_calibration(
 
 
 def test_frozen_statistics_nobody_set_are_refused_with_the_fix() -> None:
-    from normlab.callbacks import FrozenBNCalibration
-
-    model = NormLabModule(4, 1, {"name": "frozen"}, net={"widths": [4, 8]})
-    with pytest.raises(ConfigError, match="FrozenBNCalibration"):
-        quiet_trainer(max_epochs=1).fit(model, datamodule=tiny_data())
-    with pytest.raises(ConfigError, match="FrozenBNCalibration"):
+    norm = {"name": "frozen", "calibration_batches": 2}
+    model = NormLabModule(4, 1, norm, net={"widths": [4, 8]})
+    with pytest.raises(ConfigError, match="nothing has set.*norm.calibration_batches"):
         quiet_trainer().test(model, datamodule=tiny_data())
-    trainer = quiet_trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=[FrozenBNCalibration(2)]
-    )
+    # fit calibrates them: the model brings its NormLifecycle, no callback is passed
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, datamodule=tiny_data())
     assert model.net.features[1].running_var.ne(1).all()  # estimated, not the initial ones
+    quiet_trainer().test(model, datamodule=tiny_data())
 
 
 def test_batchnorm_lifecycle_on_a_torchvision_resnet() -> None:
-    """PreciseBN, then FreezeBatchNorm at epoch 1, on resnet18: every BatchNorm ends frozen with
-    the population statistics, gamma/beta learned."""
-    from normlab.callbacks import FreezeBatchNorm, PreciseBN
-
+    """Precise BN, then the freeze at epoch 1, on resnet18, from the norm config alone: every
+    BatchNorm ends frozen with the population statistics, gamma/beta learned."""
     data = tiny_data()
-    model = NormLabModule(4, 1, {"name": "batchnorm"}, net=TV, arch="resnet18", scheduler=None)
+    norm = {"name": "batchnorm", "precise_bn_batches": 2, "freeze_at_epoch": 1}
+    model = NormLabModule(4, 1, norm, net=TV, arch="resnet18", scheduler=None)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    trainer = quiet_trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        callbacks=[PreciseBN(2), FreezeBatchNorm(at_epoch=1)],
-    )
+    trainer = quiet_trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(model, datamodule=data)
     frozen = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
     assert len(frozen) == n_bn == 20 and "net.layer1.0.bn1" in frozen
     assert trainer.callback_metrics["norm/precise_bn_max_shift"] > 0
+    assert trainer.callback_metrics["norm/frozen"] == 1
     assert not frozen["net.layer1.0.bn1"].weight.eq(1).all()  # gamma learned
 
 
@@ -206,10 +198,11 @@ def test_model_activation_is_the_nets_activation() -> None:
 
 
 def test_distribute_bn_averages_every_batchnorm_of_a_resnet() -> None:
-    """DistributeBN on resnet18 under a 2-process strategy stand-in: every running_mean and
-    running_var of the 20 BatchNorm layers becomes the mean over the ranks, here this rank's
-    value and one that is 1.0 larger (so the average is this rank's + 0.5, by hand)."""
-    from normlab.callbacks import DistributeBN
+    """Distributed BN (NormLifecycle(distribute_bn=True)) on resnet18 under a 2-process
+    strategy stand-in: every running_mean and running_var of the 20 BatchNorm layers becomes the
+    mean over the ranks, here this rank's value and one that is 1.0 larger (so the average is
+    this rank's + 0.5, by hand)."""
+    from normlab.callbacks import NormLifecycle
 
     model = NormLabModule(4, 1, {"name": "batchnorm"}, net=TV, arch="resnet18", scheduler=None)
     with torch.no_grad():
@@ -223,7 +216,7 @@ def test_distribute_bn_averages_every_batchnorm_of_a_resnet() -> None:
         return (tensor + (tensor + 1)) / 2
 
     trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
-    shift = DistributeBN()._average(trainer, model)
+    shift = NormLifecycle(distribute_bn=True)._average(trainer, model)
     after = {k: v for k, v in model.state_dict().items() if "running_" in k}
     assert len(before) == 2 * 20 and "net.layer1.0.bn1.running_var" in after
     for key, value in before.items():

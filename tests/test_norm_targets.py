@@ -231,6 +231,17 @@ def test_gn_ws_standardizes_every_conv_feeding_a_norm_and_keeps_the_keys() -> No
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 2, 1))
     assert standardize_convs(net) == ["0"] and type(net[3]) is nn.Conv2d
 
+    class Shortcut(nn.Module):  # the conv's output is also read past the norm: not standardized
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    assert standardize_convs(Shortcut()) == []
+
 
 # --- state_dict, checkpoints, frozen ------------------------------------------------------------
 

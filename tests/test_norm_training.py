@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.errors import CheckpointError
+from normlab.errors import CheckpointError, NormConfigError
 from normlab.norm import FrozenBatchNorm2d, batchnorm_layers
-from normlab.norm.stats import estimate_population_stats
 from tests.conftest import FAST, Run, run_script
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -49,6 +48,36 @@ def first_batches(datamodule, n: int, epoch: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def reference_population_stats(
+    model: nn.Module, batches: list[torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Population statistics worked out here, independently of ``normlab.norm.stats``: a copy of
+    the model whose norm layers are plain ``nn.BatchNorm2d`` (so each normalizes with its batch's
+    own statistics, as in training) records every norm layer's input; the mean and unbiased
+    variance are then taken over all recorded inputs at once, in float64."""
+    net = copy.deepcopy(model).train()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, layer in list(net.named_modules()):
+        if isinstance(layer, FrozenBatchNorm2d | nn.BatchNorm2d):
+            plain = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=None)
+            plain.weight.data.copy_(layer.weight.detach())
+            plain.bias.data.copy_(layer.bias.detach())
+            plain.register_forward_pre_hook(
+                lambda _, args, name=name: inputs.setdefault(name, []).append(args[0].double())
+            )
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent), attr, plain)
+    with torch.no_grad():
+        for batch in batches:
+            net(batch)
+    stats = {}
+    for name, xs in inputs.items():
+        x = torch.cat(xs)
+        dims = [0, 2, 3]
+        stats[name] = (x.mean(dims).float(), x.var(dims, unbiased=True).float())
+    return stats
+
+
 def quiet_trainer(**kwargs):
     import lightning as L
 
@@ -69,17 +98,16 @@ def test_frozen_stats_survive_lightning_mode_switches_and_match_calibration() ->
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-    from normlab.callbacks import FrozenBNCalibration
-
     torch.manual_seed(0)
-    datamodule, model = tiny_data(), tiny_model({"name": "frozen"})
+    # no callback passed: the model brings its NormLifecycle (configure_callbacks)
+    datamodule, model = tiny_data(), tiny_model({"name": "frozen", "calibration_batches": 3})
     frozen = dict(batchnorm_layers(model))
     assert set(frozen) == {"net.features.1", "net.features.5"}
     assert all(isinstance(m, FrozenBatchNorm2d) for m in frozen.values())
     # Left in eval mode on purpose: Lightning warns, captures and restores it around validation.
     frozen["net.features.1"].eval()
     datamodule.setup("fit")
-    expected = estimate_population_stats(copy.deepcopy(model), first_batches(datamodule, 3), 3)
+    expected = reference_population_stats(model, first_batches(datamodule, 3))
 
     class Probe(Callback):
         def __init__(self) -> None:
@@ -101,7 +129,7 @@ def test_frozen_stats_survive_lightning_mode_switches_and_match_calibration() ->
             self._record(pl_module, "val")
 
     probe = Probe()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[FrozenBNCalibration(3), probe])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=datamodule)
@@ -115,9 +143,10 @@ def test_frozen_stats_survive_lightning_mode_switches_and_match_calibration() ->
     assert ("train", "net.features.1", False) in probe.modes
     assert len(probe.stats_seen) >= 2 * 8 + 2  # 2 epochs of 8 batches, validation, sanity check
     # ... and the statistics are the calibration estimate, unchanged through every step.
+    assert set(expected) == set(frozen)
     for name, (mean, var) in expected.items():
-        assert torch.equal(probe.start[f"{name}.running_mean"], mean), name
-        assert torch.equal(probe.start[f"{name}.running_var"], var), name
+        torch.testing.assert_close(probe.start[f"{name}.running_mean"], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probe.start[f"{name}.running_var"], var, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(mean, torch.zeros_like(mean))
         assert not torch.allclose(var, torch.ones_like(var))
     end = model.state_dict()
@@ -156,22 +185,34 @@ def test_norm_weight_decay_param_groups() -> None:
     assert [g["weight_decay"] for g in fixed.configure_optimizers().param_groups] == [1e-4]
 
 
-def test_norm_callbacks_from_config_and_bad_arguments(tmp_path: Path) -> None:
-    from normlab.callbacks import FreezeBatchNorm, FrozenBNCalibration, PreciseBN, norm_callbacks
+def test_norm_lifecycle_from_config_and_bad_arguments(tmp_path: Path) -> None:
+    from normlab.callbacks import NormLifecycle
 
-    assert norm_callbacks({"name": "batchnorm", "freeze_at_epoch": None}) == []
-    made = norm_callbacks({"name": "batchnorm", "freeze_at_epoch": 3, "precise_bn_batches": 5})
-    assert [type(c) for c in made] == [PreciseBN, FreezeBatchNorm]
-    assert (made[0].num_batches, made[1].at_epoch) == (5, 3)
-    (calibration,) = norm_callbacks({"name": "frozen", "calibration_batches": 7})
-    assert isinstance(calibration, FrozenBNCalibration) and calibration.num_batches == 7
-    for bad in (lambda: FreezeBatchNorm(0), lambda: PreciseBN(0), lambda: FrozenBNCalibration(0)):
-        with pytest.raises(ValueError, match=r"norm\.\w+=0"):
-            bad()
+    default = NormLifecycle.from_config({"name": "batchnorm", "freeze_at_epoch": None})
+    assert (default.precise_bn_batches, default.freeze_at_epoch, default.distribute_bn) == (
+        0, None, False
+    )  # fmt: skip
+    made = NormLifecycle.from_config(
+        {"name": "batchnorm", "freeze_at_epoch": 3, "precise_bn_batches": 5}
+    )
+    assert (made.precise_bn_batches, made.freeze_at_epoch) == (5, 3)
+    # a config built in Python need not list calibration_batches: the spec's default, 20
+    assert NormLifecycle.from_config({"name": "frozen"}).calibration_batches == 20
+    calibration = NormLifecycle.from_config({"name": "frozen", "calibration_batches": 7})
+    assert calibration.calibration_batches == 7
+    for key in ("freeze_at_epoch", "precise_bn_batches", "calibration_batches"):
+        value = -1 if key == "precise_bn_batches" else 0
+        with pytest.raises(NormConfigError, match=rf"norm\.{key}={value}"):
+            NormLifecycle(**{key: value})
+    model = tiny_model({"name": "frozen", "calibration_batches": 2})
+    (lifecycle, *_) = model.configure_callbacks()
+    assert isinstance(lifecycle, NormLifecycle) and lifecycle.calibration_batches == 2
     text = tmp_path / "x.ckpt"
     text.write_text("no")
-    with pytest.raises(CheckpointError, match="norm.init_from="):
-        FrozenBNCalibration(init_from=str(text))
+    model = tiny_model({"name": "frozen", "init_from": str(text)})
+    with pytest.raises(CheckpointError, match="norm.init_from="):  # at fit start, before a step
+        quiet_trainer(max_epochs=1).fit(model, datamodule=tiny_data())
+    assert model.uncalibrated
 
 
 # --- end to end: train.py as a user runs it ---------------------------------------------------
@@ -334,10 +375,13 @@ def test_precise_bn_sets_population_statistics_and_logs_shift(runs) -> None:
     config = ckpt["normlab"]["config"]
     datamodule = instantiate(config["data"], seed=config["seed"], _convert_="all")
     datamodule.setup("fit")
-    stats = estimate_population_stats(model, first_batches(datamodule, 2, epoch=0), 2)
+    stats = reference_population_stats(model, first_batches(datamodule, 2, epoch=0))
+    assert len(stats) == 2
     for name, (mean, var) in stats.items():
-        torch.testing.assert_close(model.get_submodule(name).running_mean, mean, rtol=1e-6, atol=0)
-        torch.testing.assert_close(model.get_submodule(name).running_var, var, rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            model.get_submodule(name).running_mean, mean, rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(model.get_submodule(name).running_var, var, rtol=1e-5, atol=1e-6)
 
     shifts = tensorboard_scalars(run.run_dir, "norm/precise_bn_max_shift")
     assert len(shifts) == 1 and shifts[0] > 0.01
@@ -373,10 +417,9 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
     from the definition: the sampler's permutation by hand, all values pooled at once."""
     from lightning.pytorch.callbacks import Callback
 
-    from normlab.callbacks import PreciseBN
-
     torch.manual_seed(0)
-    datamodule, model = tiny_data(seed=5), tiny_model({"name": "batchnorm"})
+    norm = {"name": "batchnorm", "precise_bn_batches": 2}
+    datamodule, model = tiny_data(seed=5), tiny_model(norm)
 
     def expected_stats(pl_module, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         train = datamodule.splits["train"]
@@ -392,8 +435,10 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
     class Probe(Callback):
         seen: dict[int, tuple] = {}
 
-        def on_validation_start(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking:
+        # at the first validation batch: after every on_validation_start, the lifecycle's too
+        # (the model's callbacks come after the Trainer's, as in train.py)
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, idx=0) -> None:
+            if trainer.sanity_checking or batch_idx:
                 return
             layer = pl_module.net.features[1]
             self.seen[trainer.current_epoch] = (
@@ -404,7 +449,7 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
             )
 
     probe = Probe()
-    trainer = quiet_trainer(max_epochs=2, callbacks=[PreciseBN(2), probe])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[probe])
     trainer.fit(model, datamodule=datamodule)
     mean, var, (want_mean, want_var), (epoch0_mean, _) = probe.seen[1]
     assert torch.allclose(mean, want_mean, atol=1e-5) and torch.allclose(var, want_var, atol=1e-5)
@@ -412,7 +457,7 @@ def test_precise_bn_uses_the_current_epochs_batches() -> None:
 
 
 def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> None:
-    from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+    from normlab.callbacks import NormLifecycle
     from normlab.models import NormLabModule
     from normlab.norm import frozen_layer_names
     from tests.test_norm import fake_checkpoint
@@ -430,7 +475,7 @@ def test_init_from_folds_conv_biases_of_a_norm_affine_false_run(tmp_path) -> Non
 
     frozen = NormLabModule(10, 1, {"name": "frozen"}, net={"widths": [4, 6]})
     assert frozen.net.features[0].bias is None
-    message = FrozenBNCalibration(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
+    message = NormLifecycle(init_from=str(path))._load(frozen, frozen_layer_names(frozen))
     assert "conv biases folded into running_mean: ['net.features.0.bias'" in message
 
     x = torch.randn(16, 1, 8, 8)

@@ -269,7 +269,7 @@ def test_bench_measures_the_recipe_callbacks(tmp_path: Path) -> None:
     cfg = runs.compose_config(["trainer=cpu", "model.net.widths=[8,16]"], tmp_path)
     inspection = {c._target_ for c in cfg.callbacks.values() if runs.is_inspection(c)}
     # the BatchNorm statistics callbacks of configs/callbacks/default.yaml are what is toggled
-    assert "normlab.callbacks.bn_stats.BatchNormStats" in inspection
+    assert "normlab.callbacks.batch_norm_stats.BatchNormStats" in inspection
     with_all = {type(c).__name__ for c in runs.recipe_callbacks(cfg, inspection=True)}
     without = {type(c).__name__ for c in runs.recipe_callbacks(cfg, inspection=False)}
     assert with_all - without == {t.rsplit(".", 1)[1] for t in inspection}

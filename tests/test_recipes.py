@@ -61,8 +61,8 @@ def test_cifar10_resnet_trains_on_tiny_cifar_files(tmp_path: Path, monkeypatch) 
 
     build_trainer = run.build_trainer
 
-    def recording(cfg, callbacks):  # the optimizer the run trained with, after fit
-        trainer = build_trainer(cfg, callbacks)
+    def recording(cfg, *args):  # the optimizer the run trained with, after fit
+        trainer = build_trainer(cfg, *args)
         seen["trainer"] = trainer
         return trainer
 

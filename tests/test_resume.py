@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from normlab.errors import CheckpointError
-from normlab.utils.checkpoints import check_resumable, config_differences, find_last_checkpoint
+from normlab.resume import check_resumable, config_differences, find_last_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 STEPS_PER_EPOCH = 5
@@ -107,7 +107,7 @@ def test_resumed_run_ends_with_the_same_weights(augment: str, tmp_path) -> None:
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint() -> None:
-    from normlab.callbacks.rng_state import RNGStateCheckpoint
+    from normlab.callbacks.rng_state_checkpoint import RNGStateCheckpoint
 
     def draw() -> tuple:
         mask = torch.nn.functional.dropout(torch.ones(64), 0.5, training=True)
@@ -379,3 +379,95 @@ def test_resume_after_a_sweep_picks_this_norms_run(tmp_path) -> None:
         _load(resumed.run_dir / "checkpoints" / "last.ckpt")["normlab"]["config"]["norm"]["name"]
         == "batchnorm"
     )
+
+
+# Every entry of the resume tables, one case each, written out here (not read from the tables:
+# a key dropped from a table must fail a case). Must match: the settings that build the model or
+# decide its input and output; may change: how it is optimized, sped up, where data is read from,
+# and how the statistics are (re)estimated.
+TABLE_CONFIG = {
+    "model": {
+        "_target_": "normlab.models.NormLabModule",
+        "net": {"_target_": "normlab.models.ConvNet", "widths": [8, 16]},
+        "arch": None,
+        "activation": None,
+        "weights": None,
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.003},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"},
+        "compile": False,
+        "channels_last": False,
+    },
+    "norm": {
+        "name": "frozen",
+        "eps": None,
+        "freeze_affine": False,
+        "calibration_batches": 20,
+        "init_from": None,
+        "precise_bn_batches": 0,
+        "distribute_bn": False,
+        "freeze_at_epoch": None,
+    },
+    "data": {
+        "_target_": "normlab.data.NormLabDataModule",
+        "name": "synthetic",
+        "image_size": 16,
+        "synthetic": {"shape": [3, 16, 16], "num_classes": 10},
+        "batch_size": 64,
+        "data_dir": "data",
+        "num_workers": 0,
+        "download": False,
+    },
+    "trainer": {"max_epochs": 3},
+}
+MUST_MATCH = {
+    "model._target_": "my.Module",
+    "model.net._target_": "my.Net",
+    "model.net.widths": [32, 64],
+    "model.arch": "resnet18",
+    "model.activation": "sigmoid",
+    "norm.eps": 0.001,
+    "norm.freeze_affine": True,
+    "data._target_": "my.DataModule",
+    "data.name": "mnist",
+    "data.image_size": 32,
+    "data.synthetic.shape": [1, 16, 16],
+    "data.synthetic.num_classes": 4,
+}
+MAY_CHANGE = {
+    "model.optimizer.lr": 0.1,
+    "model.optimizer._target_": "torch.optim.SGD",
+    "model.scheduler": None,
+    "model.compile": True,
+    "model.channels_last": True,
+    "model.weights": "/elsewhere/weights.pth",
+    "norm.calibration_batches": 5,
+    "norm.init_from": "/elsewhere/run.ckpt",
+    "norm.precise_bn_batches": 8,
+    "norm.distribute_bn": True,
+    "norm.freeze_at_epoch": 2,
+    "data.batch_size": 7,
+    "data.data_dir": "/elsewhere",
+    "data.num_workers": 4,
+    "data.download": True,
+}
+
+
+def _changed(dotted: str, value: object) -> dict:
+    cfg = copy.deepcopy(TABLE_CONFIG)
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key", sorted(MUST_MATCH))
+def test_each_setting_that_builds_the_model_must_match_to_resume(key: str) -> None:
+    differences = config_differences(TABLE_CONFIG, _changed(key, MUST_MATCH[key]))
+    assert len(differences) == 1 and differences[0].startswith(f"{key}="), differences
+
+
+@pytest.mark.parametrize("key", sorted(MAY_CHANGE))
+def test_each_setting_of_how_a_run_goes_on_may_change_on_resume(key: str) -> None:
+    assert config_differences(TABLE_CONFIG, _changed(key, MAY_CHANGE[key])) == []

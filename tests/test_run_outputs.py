@@ -93,3 +93,36 @@ def test_the_seed_sets_the_initial_weights(seed: int, tmp_path: Path, monkeypatc
     assert built[0].keys() == same.keys()
     assert all(torch.equal(built[0][k], same[k]) for k in same)
     assert not all(torch.equal(built[0][k], other[k]) for k in other)
+
+
+def test_results_report_the_best_checkpoints_test_accuracy(tmp_path: Path) -> None:
+    """results.json's test/acc is the best checkpoint's, not the last epoch's weights'. The
+    checkpoint callback keeps the *lowest* val/acc here, so the best checkpoint is an early epoch
+    and differs from the last one by a margin; eval.py on each checkpoint gives the reference."""
+    import json
+
+    from normlab.cli import run_task
+    from tests.test_configs import compose_train
+
+    fast = ["trainer=cpu", "model.net.widths=[8,16]", "callbacks=no_inspection", "logger=csv"]
+    fast += ["callbacks.rich_progress_bar=null", "seed=3"]
+    worst_is_best = [
+        "callbacks.model_checkpoint.mode=min",
+        "callbacks.model_checkpoint.save_top_k=1",
+    ]
+    run = ["trainer.max_epochs=3", "model.optimizer.lr=0.02", *worst_is_best]
+    _, cfg = compose_train([*fast, *run], tmp_path / "run")
+    run_task("train", cfg)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    best, last = results["checkpoints"]["best"], results["checkpoints"]["last"]
+    assert Path(best).name != Path(last).name and Path(best).name.startswith("epoch_")
+
+    def evaluate(ckpt: str, where: str) -> float:
+        _, eval_cfg = compose_train(
+            ["trainer=cpu", f"ckpt_path={ckpt}", "logger=csv"], tmp_path / where, "eval"
+        )
+        return run_task("eval", eval_cfg)["test/acc"]
+
+    of_best, of_last = evaluate(best, "eval_best"), evaluate(last, "eval_last")
+    assert of_last - of_best > 0.2, (of_best, of_last)  # the two checkpoints differ clearly
+    assert results["metrics"]["test/acc"] == pytest.approx(of_best, abs=1e-9), (of_best, of_last)

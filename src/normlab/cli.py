@@ -41,7 +41,8 @@ def check_checkpoint_arg(task: str, cfg: DictConfig, container: dict[str, Any]) 
     ``torch.load(weights_only=True)`` cannot read as a normlab checkpoint, or (train.py) one that
     holds another model than the command builds, or has nothing left to train. ``last`` is
     resolved here, once, to the checkpoint it picks, and the log says which and why."""
-    from normlab.utils.checkpoints import check_resumable, find_last_checkpoint, load_checkpoint
+    from normlab.resume import check_resumable, find_last_checkpoint
+    from normlab.utils.checkpoints import load_checkpoint
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is None:

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.models.defaults import ACTIVATIONS, MODULE_TARGET
 from normlab.norm.spec import BATCH_STATS
 
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
-MODULE_TARGET = "normlab.models.NormLabModule"
 DATA_TARGET = "normlab.data.NormLabDataModule"
 SCALINGS = ("dataset", "imagenet", "none", "custom")
 # Lightning's trainer.precision values (bf16-mixed: CPUs and Ampere+ GPUs; 16-mixed: GPUs)
@@ -385,13 +384,23 @@ def _train_or_test(cfg: Mapping[str, Any]) -> None:
         )
 
 
-def eval_data_config(saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def eval_data_config(
+    saved: Mapping[str, Any] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
     """The data config eval.py tests with: the checkpoint's saved one, with eval.py's non-null
     ``data.*`` keys on top; eval.py's ``data.batch_size`` is the test loader's batch size."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    if not saved and "_target_" not in given:
+        raise ConfigError(
+            "data",
+            None,
+            "the checkpoint holds no data config (it was trained from Python, with DataLoaders"
+            " given to fit); name the data set to test on, e.g. python eval.py ckpt_path=<file>"
+            " +data=digits (an option of configs/data/)",
+        )
     if "batch_size" in given:
         given["eval_batch_size"] = given.pop("batch_size")
-    return {**saved, **given}
+    return {**(saved or {}), **given}
 
 
 def validate_train_config(cfg: Mapping[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,13 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.callbacks import norm_callbacks
-from normlab.callbacks.reliability import reliability_callbacks
 from normlab.config import eval_data_config, trainer_error
 from normlab.distributed import check_batchnorm_setup, job_scope, prepare_child_processes
 from normlab.errors import ConfigError, NormlabError
+from normlab.norm.sync import SyncBatchNormKeepingActivations
 from normlab.utils.atomic_checkpoint_io import AtomicCheckpointIO
 from normlab.utils.checkpoints import load_checkpoint
 from normlab.utils.results import final_metrics, log_hparams, write_results
@@ -110,7 +110,12 @@ def build_model(
         )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
+def build_trainer(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> L.Trainer:
+    """The Trainer of ``cfg.trainer`` with the callbacks of ``cfg.callbacks`` (then
+    ``extra_callbacks``; the model adds its own, ``configure_callbacks``), the loggers of
+    ``cfg.logger`` and checkpoints written atomically. train.py, eval.py and scripts/bench.py
+    build theirs here."""
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *extra_callbacks]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
@@ -121,6 +126,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any]) -> L.Trainer:
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            plugins.append(SyncBatchNormKeepingActivations())  # Lightning's drops timm's act
         return instantiate(
             trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
             _convert_="all",
@@ -157,9 +164,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.model, cfg.norm, datamodule)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
-    callbacks = _instantiate_all(cfg.get("callbacks")) + norm_callbacks(cfg.norm, cfg.trainer)
-    callbacks += reliability_callbacks(run_dir / "checkpoints")  # rng state, NaN, SIGTERM
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg)  # the model brings its own callbacks (configure_callbacks)
     check_batchnorm_setup(model.run_config, accelerator_name(trainer))
     prepare_child_processes()  # DDP ranks > 0 join this run (and only this job of a sweep)
 
@@ -192,6 +197,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             "task_name": cfg.task_name,
             "tags": list(cfg.get("tags") or []),
             "epochs": trainer.current_epoch,  # completed epochs
+            "steps": trainer.global_step,  # optimizer steps (the benchmark compares them)
             "wall_time_s": round(time.perf_counter() - started, 2),  # setup, fit and test
         }
         write_results(run_dir, metrics, checkpoints, extra=extra)
@@ -236,7 +242,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         adapt_to_test_data(model, datamodule)
 
-    trainer = build_trainer(cfg, callbacks=[])
+    trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)
     metrics = final_metrics(trainer)
     if trainer.is_global_zero:

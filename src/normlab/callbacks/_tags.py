@@ -20,8 +20,8 @@ STATS = ("running_mean", "running_var", "weight", "bias")
 SUMMARIES = ("mean", "std", "mean_minus_std", "mean_plus_std")
 # per-layer diagnostics (TrainTestGap)
 GAP_MEAN_SHIFT, GAP_VAR_RATIO = "gap_mean_shift", "gap_var_ratio"
-# run-level (EvalModeGap, BatchNormHeatmap; PreciseBN, DistributeBN and FreezeBatchNorm log
-# norm/precise_bn_max_shift, norm/distribute_bn_shift and norm/frozen)
+# run-level (EvalModeGap, BatchNormHeatmap; NormLifecycle logs norm/precise_bn_max_shift,
+# norm/distribute_bn_shift and norm/frozen)
 ACC_EVAL_MODE, ACC_TRAIN_MODE, MODE_GAP = (
     "norm/acc_eval_mode",
     "norm/acc_train_mode",

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from normlab.callbacks._batches import TrainingBatches
+from normlab.callbacks.norm_lifecycle import _TrainingBatches as TrainingBatches
 from normlab.norm.stats import apply_population_stats, estimate_population_stats
 
 

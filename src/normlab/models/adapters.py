@@ -82,6 +82,57 @@ def torchvision_net(
     return net
 
 
+# a built net normlab cannot rebuild, in hyperparameters: {BUILT: "pkg.module.Class"}
+BUILT = "_built_"
+TORCHVISION_TARGET = "normlab.models.torchvision_net"
+
+
+def classes_of(net: nn.Module) -> int:
+    """The output count of ``net``'s last ``nn.Linear`` (a classifier's number of classes).
+
+    Raises:
+        ConfigError: the net has no ``nn.Linear``; pass num_classes.
+    """
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ConfigError("num_classes", None, f"{type(net).__name__} has no nn.Linear; give it")
+    return linear[-1].out_features
+
+
+def input_channels_of(net: nn.Module) -> int:
+    """The input channels of ``net``'s first convolution (3 when it has none)."""
+    conv = next((m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def _shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    state = net.state_dict()
+    return {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def describe_net(net: nn.Module, num_classes: int, in_channels: int) -> dict[str, Any]:
+    """A built net as plain data: ``{"_target_": "normlab.models.torchvision_net", "arch":
+    name}`` when it is a torchvision classifier that :func:`torchvision_net` rebuilds with the
+    same tensors (found by building the candidates of its module on the meta device: no memory,
+    no weights); else ``{"_built_": "pkg.module.Class"}``, which nothing rebuilds."""
+    kind = type(net)
+    if kind.__module__.startswith("torchvision.models."):
+        import torchvision
+
+        shapes = _shapes(net)
+        for arch in torchvision.models.list_models(module=torchvision.models):
+            if torchvision.models.get_model_builder(arch).__module__ != kind.__module__:
+                continue
+            try:
+                with torch.device("meta"):
+                    candidate = torchvision_net(arch, num_classes, in_channels)
+            except Exception:  # a builder that needs other arguments is not this net
+                continue
+            if type(candidate) is kind and _shapes(candidate) == shapes:
+                return {"_target_": TORCHVISION_TARGET, "arch": arch}
+    return {BUILT: f"{kind.__module__}.{kind.__qualname__}"}
+
+
 def timm_net(
     arch: str,
     num_classes: int,

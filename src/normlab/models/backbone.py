@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from normlab.models.defaults import ACTIVATIONS as NAMES
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
@@ -14,6 +16,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "leaky_relu": nn.LeakyReLU,
 }
+assert tuple(ACTIVATIONS) == NAMES  # the names config.py checks, torch-free
 
 
 class ConvNet(nn.Module):

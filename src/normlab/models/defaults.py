@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 CONVNET_TARGET = "normlab.models.ConvNet"
+MODULE_TARGET = "normlab.models.NormLabModule"
+# the activations the ConvNet builds (model.activation, model.net.activation)
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu")
 
 
 @dataclass

@@ -19,19 +19,29 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from normlab.errors import ConfigError
-from normlab.models.adapters import build_net, load_weights
-from normlab.models.defaults import default
-from normlab.norm.layers import (
-    FrozenBatchNorm2d,
-    freeze_named_layers,
-    frozen_layer_names,
-    param_groups,
+from normlab.models.adapters import (
+    BUILT,
+    build_net,
+    classes_of,
+    describe_net,
+    input_channels_of,
+    load_weights,
 )
+from normlab.models.defaults import MODULE_TARGET, default
+from normlab.norm.layers import FrozenBatchNorm2d, param_groups
 from normlab.norm.registry import convert_norm
+from normlab.utils.checkpoints import CHECKPOINT_KEY
 
 log = logging.getLogger("normlab")
-CHECKPOINT_KEY = "normlab"  # marks a normlab checkpoint and carries the run's composed config
+# hyperparameters that are not model.* keys of a run config (the data's counts, the norm group)
+NOT_MODEL_KEYS = ("num_classes", "in_channels", "norm")
 DEFAULT = "default"  # scheduler's default: the CLI's (None means a constant learning rate)
+REBUILD = (
+    "the checkpoint's net was given to NormLabModule as a built nn.Module, which normlab cannot"
+    " rebuild; train with net={'_target_': 'your_package.YourNet', **its arguments} (a config"
+    " normlab builds, so eval.py and resuming rebuild it), or test in Python with"
+    " trainer.test(model, dataloaders=...)"
+)
 
 
 def _plain(value: Any) -> Any:
@@ -63,11 +73,19 @@ class NormLabModule(L.LightningModule):
     ``normlab.models.defaults``, the same as the command line's ``model=cnn``.
 
     Args:
-        num_classes: number of classes (from the data).
-        in_channels: input channels (from the data).
-        norm: the ``norm`` config group as a dict, e.g. ``{"name": "batchnorm", "momentum": 0.1}``.
+        num_classes: number of classes (from the data); with a built ``net``, None reads it from
+            the net's last ``nn.Linear``.
+        in_channels: input channels (from the data); with a built ``net``, None reads it from the
+            net's first convolution.
+        norm: the ``norm`` config group as a dict, e.g. ``{"name": "batchnorm", "momentum": 0.1}``
+            (keys left out take ``normlab.norm.spec``'s defaults); None: ``{"name": "batchnorm"}``.
         net: ``{"_target_": "pkg.Class", **kwargs}``; without ``_target_``: overrides of the default
-            ConvNet (``{"widths": [8, 16]}``); None: the default ConvNet.
+            ConvNet (``{"widths": [8, 16]}``); None: the default ConvNet; or a built ``nn.Module``
+            (``torchvision.models.resnet18(num_classes=10)``), whose BatchNorm layers are
+            converted in place. The hyperparameters stay plain data: a torchvision net is
+            recorded by its architecture name, so checkpoints rebuild it (eval.py, resuming); any
+            other built net by its class name only, and eval.py refuses its checkpoints, saying
+            to give ``net`` as a ``_target_`` config instead.
         arch: architecture name passed to the net as ``arch`` (``model=torchvision|timm``).
         activation: the net's activation (``relu``, ``sigmoid``, ...), passed to it as
             ``activation``; None keeps the net's own (the ConvNet's ``net["activation"]``).
@@ -85,11 +103,13 @@ class NormLabModule(L.LightningModule):
 
     Raises:
         ConfigError: a bad net, arch or weights file; NormConfigError: a norm that does not fit.
-        ConfigError at fit/test time: ``norm=frozen`` statistics that nothing set (no
-            ``FrozenBNCalibration`` callback, no weights, no loaded checkpoint).
+        ConfigError at validation/test time: ``norm=frozen`` statistics that nothing set (the
+            model was never fit, no weights, no loaded checkpoint).
 
     Example::
 
+        net = torchvision.models.resnet18(num_classes=10)
+        model = NormLabModule(net=net, norm={"name": "frozen"})  # recorded as arch resnet18
         model = NormLabModule(num_classes=10, in_channels=1, norm={"name": "batchnorm"})
         resnet = NormLabModule(10, 1, {"name": "frozen"}, net={"_target_":
             "normlab.models.torchvision_net"}, arch="resnet18", weights="resnet18.pth")
@@ -97,10 +117,10 @@ class NormLabModule(L.LightningModule):
 
     def __init__(
         self,
-        num_classes: int,
-        in_channels: int,
-        norm: Mapping[str, Any],
-        net: Mapping[str, Any] | None = None,
+        num_classes: int | None = None,
+        in_channels: int | None = None,
+        norm: Mapping[str, Any] | None = None,
+        net: Mapping[str, Any] | torch.nn.Module | None = None,
         arch: str | None = None,
         activation: str | None = None,
         weights: str | None = None,
@@ -110,7 +130,21 @@ class NormLabModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        net = _with_default("net", net)
+        built = net if isinstance(net, torch.nn.Module) else None
+        if built is not None:  # hyperparameters stay plain data: what rebuilds it, or its class
+            num_classes = num_classes or classes_of(built)
+            in_channels = in_channels or input_channels_of(built)
+            net = describe_net(built, num_classes, in_channels)
+            for key, given in (("arch", arch), ("activation", activation)):
+                if given is not None:
+                    raise ConfigError(key, given, "the net is built already; leave it None")
+        else:
+            net = _with_default("net", net)
+            if BUILT in net:
+                raise ConfigError("model.net", net[BUILT], REBUILD)
+            for key, given in (("num_classes", num_classes), ("in_channels", in_channels)):
+                if given is None:
+                    raise ConfigError(key, None, "give the data's count (an integer)")
         if arch is not None:
             if net.get("arch", arch) != arch:
                 raise ConfigError("model.arch", arch, f"model.net.arch is {net['arch']!r} already")
@@ -120,15 +154,16 @@ class NormLabModule(L.LightningModule):
         optimizer = _with_default("optimizer", optimizer)
         scheduler = default("scheduler") if scheduler == DEFAULT else scheduler
         scheduler = dict(_plain(scheduler)) if scheduler else None
-        norm = dict(_plain(norm))
+        norm = dict(_plain(norm) or {"name": "batchnorm"})
         # after the normalization above: the hyperparameters are the complete plain-data configs
         self.save_hyperparameters()
-        built = build_net(net, num_classes, in_channels, norm)
+        if built is None:
+            built = build_net(net, num_classes, in_channels, norm)
         if weights:
             load_weights(built, weights)
         self.net = convert_norm(built, norm)
-        # frozen statistics nobody has set yet: a calibration callback, weights or a loaded
-        # state_dict must set them before the model is trained or evaluated
+        # frozen statistics nobody has set yet: NormLifecycle (at fit start), weights or a loaded
+        # state_dict set them before the model is trained or evaluated
         self.uncalibrated = not weights and any(
             isinstance(m, FrozenBatchNorm2d) for m in self.net.modules()
         )
@@ -153,17 +188,34 @@ class NormLabModule(L.LightningModule):
                 "norm.name",
                 "frozen",
                 "the FrozenBatchNorm2d layers hold statistics nothing has set (zeros and ones):"
-                " add normlab.callbacks.FrozenBNCalibration(num_batches=20) to the Trainer's"
-                " callbacks (train.py does), pass weights=<a state_dict file with BatchNorm"
-                " statistics>, or load a checkpoint first",
+                " train the model first (trainer.fit estimates them over norm.calibration_batches"
+                " training batches, or copies them from norm.init_from), pass weights=<a"
+                " state_dict file with BatchNorm statistics>, or load a checkpoint",
             )
 
-    def on_fit_start(self) -> None:
-        # FrozenBNCalibration (on_fit_start of callbacks runs first) sets the statistics
-        from normlab.callbacks.frozen_calibration import FrozenBNCalibration
+    def configure_callbacks(self) -> list[Any]:
+        """The callbacks that are part of this model's semantics, which Lightning adds to every
+        ``trainer.fit`` / ``test`` of it (replacing a Trainer's callback of the same type):
+        ``NormLifecycle`` (the ``norm`` config's calibration, init_from, precise BN, distributed
+        BN and freeze schedule), ``ScheduleHorizon`` (a resumed run follows the current
+        ``trainer.max_epochs``, which ``T_max`` defaults to) and ``DivergenceGuard`` (a NaN loss
+        stops training before it reaches the weights). Outside train.py (no run config: plain
+        Python) also ``BatchNormStats`` with its defaults, unless the Trainer has one: the
+        ``norm/`` TensorBoard tags; train.py's ``callbacks`` config decides that itself.
+        Imported here, not at module level: the model does not depend on the callbacks."""
+        from normlab.callbacks.batch_norm_stats import BatchNormStats
+        from normlab.callbacks.divergence_guard import DivergenceGuard
+        from normlab.callbacks.norm_lifecycle import NormLifecycle
+        from normlab.callbacks.schedule_horizon import ScheduleHorizon
 
-        if any(isinstance(c, FrozenBNCalibration) for c in self.trainer.callbacks):
-            self.uncalibrated = False
+        own = [NormLifecycle.from_config(self.hparams.norm), ScheduleHorizon(), DivergenceGuard()]
+        present = self._trainer.callbacks if self._trainer is not None else []
+        if self.run_config is None and not any(isinstance(c, BatchNormStats) for c in present):
+            own.append(BatchNormStats())
+        return own
+
+    def on_fit_start(self) -> None:
+        # NormLifecycle (configure_callbacks; callbacks' on_fit_start runs first) sets them
         self._refuse_uncalibrated()
 
     def on_validation_start(self) -> None:
@@ -245,18 +297,31 @@ class NormLabModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": 1,
-            "config": self.run_config,
-            # which layers are frozen is part of the model's state (norm.freeze_at_epoch)
-            "frozen_layers": frozen_layer_names(self),
-        }
+        from normlab.resume import save_frozen_layers
+
+        entry = {"format": 1, "config": self.run_config or self._python_run_config()}
+        save_frozen_layers(self, entry)
+        checkpoint[CHECKPOINT_KEY] = entry
+
+    def _python_run_config(self) -> dict[str, Any]:
+        """The run config of a model trained from Python (train.py sets ``run_config``): model
+        and norm from the hyperparameters, the data when it is normlab's DataModule (else None:
+        eval.py then asks for ``+data=<name>``). eval.py rebuilds the model from it."""
+        model = {k: v for k, v in self.hparams.items() if k not in NOT_MODEL_KEYS}
+        kind = type(self)
+        model["_target_"] = (
+            MODULE_TARGET if kind is NormLabModule else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        data = None
+        if type(dm).__module__.startswith("normlab.data"):  # its hparams rebuild it
+            data = {k: v for k, v in dm.hparams.items() if k != "seed"}
+            data["_target_"] = f"normlab.data.{type(dm).__qualname__}"
+        return {"model": model, "norm": dict(self.hparams.norm), "data": data}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from normlab.resume import restore_frozen_layers
+
         entry = checkpoint.get(CHECKPOINT_KEY) or {}
         self.run_config = entry.get("config", self.run_config)
-        # before the weights load: a layer frozen in the checkpoint stays frozen, whatever the
-        # command line says (a run resumed past norm.freeze_at_epoch without repeating it)
-        frozen = freeze_named_layers(self, entry.get("frozen_layers", []))
-        if frozen:
-            log.info("checkpoint: %d BatchNorm layers frozen as in the checkpoint", len(frozen))
+        restore_frozen_layers(self, entry)  # before the weights load

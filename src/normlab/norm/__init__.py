@@ -15,12 +15,14 @@ _HOMES = {
     "schema": "NORMS CUMULATIVE validate_norm_config divisors_hint".split(),
     "spec": "KEYS SPEC NormKey".split(),
     "layers": (
-        "FrozenBatchNorm2d BatchNorm2dAct GroupNormAct convert_to_frozen convert_to_batchnorm"
-        " replace_modules keep_children is_batchnorm is_frozen_batchnorm batchnorm_layers"
+        "FrozenBatchNorm2d convert_to_frozen convert_to_batchnorm"
+        " replace_modules is_batchnorm is_frozen_batchnorm batchnorm_layers"
         " is_norm_layer param_groups frozen_layer_names freeze_named_layers"
     ).split(),
+    "variants": "BatchNorm2dAct GroupNormAct keep_children".split(),
+    "convert": ["source_kind"],
     "registry": "CONSTRUCTORS convert_norm make_norm_factory norm_has_bias".split(),
-    "stats": ["estimate_population_stats", "apply_population_stats"],
+    "stats": ["estimate_population_stats", "apply_population_stats", "update_population_stats"],
 }
 _WHERE = {name: home for home, names in _HOMES.items() for name in names}
 __all__ = [*_WHERE, "NormConfigError"]

@@ -4,7 +4,6 @@ norm-aware weight decay groups. The list of norms lives in ``normlab.norm.regist
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+
+from normlab.norm.variants import keep_children
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -37,6 +38,7 @@ class FrozenBatchNorm2d(nn.Module):
 
     momentum = None  # attributes mirror BatchNorm so inspection tools can print them
     track_running_stats = True
+    applies_children = True  # an activation kept from a replaced layer (see keep_children)
 
     def __init__(
         self,
@@ -141,44 +143,6 @@ def replace_modules(
     return walk("", module)
 
 
-class ThenChildren(nn.Module):
-    """Mixin: the layer's forward, then each child module in order (an activation kept from a
-    replaced norm+activation layer such as timm's ``BatchNormAct2d``)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = super().forward(x)
-        for child in self.children():
-            x = child(x)
-        return x
-
-
-class BatchNorm2dAct(ThenChildren, nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` followed by its child modules (see :func:`keep_children`)."""
-
-
-class GroupNormAct(ThenChildren, nn.GroupNorm):
-    """``nn.GroupNorm`` followed by its child modules (see :func:`keep_children`)."""
-
-
-def keep_children(old: nn.Module, new: nn.Module) -> nn.Module:
-    """Move the child modules of a replaced norm layer (timm's ``BatchNormAct2d`` holds ``drop``
-    and ``act``) onto ``new``, which applies them after normalizing, so replacing the norm keeps
-    the activation. ``new`` is a plain layer when ``old`` has no children."""
-    children = list(old.named_children())
-    if not children:
-        return new
-    if isinstance(new, nn.Identity):
-        # nn.Sequential takes named modules only as an OrderedDict (a plain dict is refused)
-        return nn.Sequential(OrderedDict(children)) if len(children) > 1 else children[0][1]
-    if type(new) is nn.BatchNorm2d:
-        new.__class__ = BatchNorm2dAct
-    elif type(new) is nn.GroupNorm:
-        new.__class__ = GroupNormAct
-    for name, child in children:
-        new.add_module(name, child)
-    return new
-
-
 def channels_of(m: nn.Module) -> int:
     """The channel count of a BatchNorm-like layer (torchvision's frozen one has no
     ``num_features``, but always a ``running_mean`` buffer)."""
@@ -205,7 +169,7 @@ def convert_to_frozen(
 
     def swap(name: str, m: nn.Module) -> nn.Module | None:
         if isinstance(m, _BatchNorm) or (
-            is_frozen_batchnorm(m) and type(m) is not FrozenBatchNorm2d
+            is_frozen_batchnorm(m) and not isinstance(m, FrozenBatchNorm2d)
         ):
             return keep_children(m, FrozenBatchNorm2d.from_batchnorm(m, freeze_affine, eps))
         return None

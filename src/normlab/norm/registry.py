@@ -1,31 +1,25 @@
 """The only list of norms, as constructors: ``make_norm_factory(cfg)(channels)`` builds a layer
 for a model that takes a ``norm_layer`` factory, and ``convert_norm(model, cfg)`` turns every
-BatchNorm of any ``nn.Module`` into the configured norm, in place, keeping module names (so
-state_dict keys) and each layer's own settings unless the config sets them."""
+normalization layer of any ``nn.Module`` into the configured norm, in place, keeping module
+names (so state_dict keys) and each layer's own settings unless the config sets them."""
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlab.errors import NormConfigError
 from normlab.norm.batchnorm_variants import BatchRenorm2d, GhostBatchNorm2d
-from normlab.norm.layers import (
-    FrozenBatchNorm2d,
-    channels_of,
-    convert_to_batchnorm,
-    convert_to_frozen,
-    is_batchnorm,
-    keep_children,
-    replace_modules,
-)
+from normlab.norm.layers import FrozenBatchNorm2d
 from normlab.norm.schema import CUMULATIVE, NORMS, divisors_hint, validate_norm_config
 from normlab.norm.spec import FRESH, SPEC
 from normlab.norm.weight_standardization import standardize_convs
+
+log = logging.getLogger("normlab")
 
 
 def _momentum(value: Any) -> float | None:
@@ -82,15 +76,14 @@ assert tuple(CONSTRUCTORS) == NORMS
 def _settings(cfg: Mapping[str, Any], layer: nn.Module | None = None) -> dict[str, Any]:
     """Each setting from ``cfg`` when set, else from ``layer`` (converting), else PyTorch's;
     a norm's own keys the config lacks (a config built in Python) take the spec's default."""
+    from normlab.norm.convert import settings_of
+
+    own = settings_of(layer) if layer is not None else {}
     out = {k: SPEC[k].default for k in SPEC if cfg["name"] in SPEC[k].norms} | dict(cfg)
     for key, fresh in FRESH.items():
         if cfg.get(key) is None:
-            own = getattr(layer, key, fresh) if layer is not None else fresh
-            if key == "affine" and layer is not None:
-                own = getattr(layer, "weight", None) is not None
-            if key == "momentum" and layer is not None:
-                own = getattr(layer, "source_momentum", own)
-            out[key] = CUMULATIVE if key == "momentum" and own is None else own
+            value = own.get(key, fresh)
+            out[key] = CUMULATIVE if key == "momentum" and value is None else value
     return out
 
 
@@ -128,101 +121,106 @@ def norm_has_bias(cfg: Mapping[str, Any]) -> bool:
 
 
 def convert_norm(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
-    """Convert every BatchNorm of ``model`` (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, normlab's
-    and torchvision's ``FrozenBatchNorm2d``, subclasses such as timm's ``BatchNormAct2d``, whose
-    activation is kept) to the norm ``cfg`` names, in place, keeping module names and so
-    state_dict keys. Returns ``model`` (a new module only when the root itself is converted).
+    """Convert every normalization layer of ``model`` to the norm ``cfg`` names, in place, keeping
+    module names (so state_dict keys of whatever both layers hold). Returns ``model`` (a new
+    module only when the root itself is converted). Logs one line per source kind: what became
+    what, what was kept and which tensors were dropped.
 
-    Settings the config leaves unset (null/absent) keep each layer's own: ``frozen`` and
-    ``batchnorm`` keep eps, momentum, gamma/beta and running statistics bit-exactly (a round trip
-    gives the original layer back); ``groupnorm``/``layernorm`` keep eps and affine and start
-    gamma/beta at ones/zeros (their statistics mean something else); ``none`` is ``nn.Identity``;
-    the other targets are fresh layers of the registry. ``gn_ws`` then weight-standardizes every
-    plain ``nn.Conv2d`` feeding a norm layer (``standardize_convs``). Other norm layers
-    (GroupNorm, LayerNorm) of the model are left as they are.
+    Sources: BatchNorm1d/2d/3d, SyncBatchNorm, normlab's/torchvision's/timm's FrozenBatchNorm2d,
+    GroupNorm, InstanceNorm, timm's LayerNorm2d and channels-last ``nn.LayerNorm`` (see
+    ``normlab.norm.convert``); fused activations (timm's ``BatchNormAct2d.act``) are kept.
+    Settings the config leaves unset keep each layer's own (eps, momentum, affine). Running
+    statistics are carried where both layers have them; gamma/beta too, or always with
+    ``norm.keep_affine=true`` (never with ``false``). A layer that already is the configured
+    norm stays as it is. ``none`` folds each BatchNorm into the conv feeding it unless
+    ``norm.fold=false`` (``normlab.norm.fold``), then removes it. ``gn_ws`` then
+    weight-standardizes every plain ``nn.Conv2d`` feeding a norm layer (``standardize_convs``).
 
     Raises:
         NormConfigError: a bad config, a ``num_groups`` that does not divide a layer's channels
-            (naming the layer), or ``norm=frozen`` on a layer without running statistics.
+            (naming the layer), ``norm=frozen`` on a layer without running statistics, or a
+            model without any normalization layer (any norm but ``none``).
 
     Example::
 
         model = torchvision.models.resnet18()
         convert_norm(model, {"name": "frozen"})  # model.layer1[0].bn1 is a FrozenBatchNorm2d
     """
+    from normlab.norm.convert import channels, replace_norm_layers, settings_of, source_kind
+    from normlab.norm.fold import feeding_convs, fold_into_conv
+
     validate_norm_config(cfg, check_files=False)
-    name = cfg["name"]
-    model = _convert_layers(model, cfg)
+    name, what = cfg["name"], type(model).__name__
+    found = [(n, m) for n, m in model.named_modules() if source_kind(m) is not None]
+    if not found:
+        if name != "none":
+            raise NormConfigError(
+                "norm",
+                name,
+                f"{what} has no normalization layer to convert (normlab converts BatchNorm,"
+                " FrozenBatchNorm2d, GroupNorm, LayerNorm and InstanceNorm layers); use"
+                " norm=none, or a model with normalization layers",
+            )
+        log.info("norm=none: %s has no normalization layer; nothing to remove", what)
+        return model
+    _check_fits(name, cfg, found)
+    folded: dict[str, str] = {}
+    if name == "none" and cfg.get("fold", True):
+        pairs = feeding_convs(model, [n for n, _ in found])
+        modules = dict(model.named_modules())
+        folded = {n: c for n, c in pairs.items() if fold_into_conv(modules[c], modules[n])}
+
+    def build(n: str, m: nn.Module) -> nn.Module:
+        return _build_norm(name, _settings(cfg, m), channels(m))
+
+    sources = dict(found)
+    model, report = replace_norm_layers(model, build, cfg.get("keep_affine"))
+    for entry in report.values():
+        own = settings_of(sources[entry.layers[0]])
+        inherited = [k for k in ("eps", "momentum") if cfg.get(k) is None and k in own]
+        inherited = [k for k in inherited if k in entry.settings]
+        n_folded = sum(layer in folded for layer in entry.layers)
+        log.info("norm=%s: %s", name, entry.describe(inherited, n_folded))
     if name in AFTER_CONVERSION:
         AFTER_CONVERSION[name](model)
     return model
 
 
-def _convert_layers(model: nn.Module, cfg: Mapping[str, Any]) -> nn.Module:
-    name = cfg["name"]
-    layers = [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
+def _check_fits(name: str, cfg: Mapping[str, Any], found: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a conversion that cannot be done for some layer, naming it."""
+    from normlab.norm.convert import channels
+
     if name == "frozen":
-        for n, m in layers:
-            if m.running_mean is None:
-                raise NormConfigError(
-                    "norm",
-                    "frozen",
-                    f"layer {n} ({m}) has no running statistics to freeze"
-                    " (track_running_stats=False); use norm=batchnorm or norm=groupnorm",
-                )
-        model = convert_to_frozen(model, bool(cfg.get("freeze_affine")), cfg.get("eps"))
-        for _, m in model.named_modules():
-            if isinstance(m, FrozenBatchNorm2d) and cfg.get("eps") is not None:
-                m.eps = cfg["eps"]
-        return model
-    if name == "batchnorm":
-        momentum = "keep" if cfg.get("momentum") is None else _momentum(cfg["momentum"])
-        model = convert_to_batchnorm(model, momentum)
-        return replace_modules(model, lambda n, m: _update_batchnorm(m, cfg))
+        bare = [(n, m) for n, m in found if getattr(m, "running_mean", None) is None]
+        if bare:
+            n, m = bare[0]
+            raise NormConfigError(
+                "norm",
+                "frozen",
+                f"layer {n} ({type(m).__name__}, {len(bare)} layer(s) like it) has no running"
+                " statistics to freeze (GroupNorm/LayerNorm/InstanceNorm, or BatchNorm with"
+                " track_running_stats=False); train with norm=batchnorm first, then norm=frozen"
+                " norm.init_from=<its checkpoint>, or use norm=groupnorm",
+            )
+    if name == "instancenorm":
+        # a BatchNorm1d normalizes (N, C) features: one value per channel and sample, of which an
+        # instance norm cannot take statistics (torch raises on the first training batch)
+        flat = [n for n, m in found if isinstance(m, nn.BatchNorm1d)]
+        if flat:
+            raise NormConfigError(
+                "norm",
+                "instancenorm",
+                f"layer {flat[0]} (BatchNorm1d, {len(flat)} layer(s) like it) normalizes flat"
+                " features, one value per channel and sample, which instance statistics cannot"
+                " normalize; use norm=groupnorm1 (per sample over the channels) or norm=batchnorm",
+            )
     if name in ("groupnorm", "gn_ws"):
-        bad = [(n, channels_of(m)) for n, m in layers if channels_of(m) % cfg["num_groups"]]
+        bad = [(n, channels(m)) for n, m in found if channels(m) % cfg["num_groups"]]
         if bad:
-            channels = sorted({channels_of(m) for _, m in layers})
+            counts = sorted({channels(m) for _, m in found})
             raise NormConfigError(
                 "norm.num_groups",
                 cfg["num_groups"],
                 f"it does not divide the {bad[0][1]} channels of layer {bad[0][0]}"
-                f" ({len(bad)} layer(s) affected); use one of the {divisors_hint(channels)}",
+                f" ({len(bad)} layer(s) affected); use one of the {divisors_hint(counts)}",
             )
-
-    def swap(n: str, m: nn.Module) -> nn.Module | None:
-        if not is_batchnorm(m):
-            return None
-        new = _build_norm(name, _settings(cfg, m), channels_of(m))
-        if type(new) is type(m):  # built by the model's norm_layer factory: keep (weights loaded)
-            return m
-        ref = m.running_mean if m.running_mean is not None else next(m.parameters(), None)
-        if ref is not None:
-            new.to(device=ref.device, dtype=ref.dtype)
-        return keep_children(m, new.train(m.training))
-
-    return replace_modules(model, swap)
-
-
-def _update_batchnorm(m: nn.Module, cfg: Mapping[str, Any]) -> nn.Module | None:
-    """A live BatchNorm with the settings ``cfg`` gives; rebuilt only when affine or
-    track_running_stats change (they decide which tensors exist)."""
-    if not isinstance(m, _BatchNorm):
-        return None
-    if cfg.get("eps") is not None:
-        m.eps = cfg["eps"]
-    if cfg.get("momentum") is not None:
-        m.momentum = _momentum(cfg["momentum"])
-    settings = _settings(cfg, m)
-    same = settings["affine"] == m.affine and settings["track_running_stats"] == (
-        m.running_mean is not None
-    )
-    if same:
-        return m
-    ref = m.running_mean if m.running_mean is not None else m.weight
-    new = _build_norm("batchnorm", settings, channels_of(m)).to(ref.device, ref.dtype)
-    if new.running_mean is not None and m.running_mean is not None:
-        new.load_state_dict(
-            {k: v for k, v in m.state_dict().items() if k in new.state_dict()}, strict=False
-        )
-    return keep_children(m, new.train(m.training))

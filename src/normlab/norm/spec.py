@@ -170,6 +170,19 @@ KEYS: tuple[NormKey, ...] = (
         resume_may_change=True,
     ),
     NormKey("freeze_affine", False, ("frozen",), _bool, "expected true or false"),
+    # converting a model's norm layers: carry gamma/beta into the new layers (null: when the
+    # running statistics come along too, or the layer computes the same; true: whenever the
+    # shapes allow; false: never)
+    NormKey(
+        "keep_affine",
+        None,
+        _SCALED,
+        _bool,
+        "expected true or false, or null (carry gamma/beta when the statistics come along)",
+        hparam=False,
+    ),
+    # norm=none: fold each BatchNorm's eval-mode transform into the conv that alone feeds it
+    NormKey("fold", True, ("none",), _bool, "expected true or false", hparam=False),
     # Batch Renormalization's limits and their linear warm-up from BatchNorm (r_max 1, d_max 0)
     NormKey(
         "r_max",

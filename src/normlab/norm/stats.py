@@ -6,7 +6,7 @@ input over a number of batches, instead of the EMA that training leaves in ``run
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -117,3 +117,20 @@ def apply_population_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, T
             change = max(change, (new - buf).abs().max().item())
             buf.copy_(new)  # detached: the buffer stays out of any autograd graph
     return change
+
+
+def update_population_stats(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    num_batches: int,
+    layers: Collection[str] | None = None,
+) -> dict[str, float]:
+    """:func:`estimate_population_stats` written into the running statistics of ``layers``
+    (qualified names; None: every layer estimated) by :func:`apply_population_stats`: the one
+    statistics pass of frozen-statistics calibration and of precise BN.
+
+    Returns ``{layer: largest absolute change of its running_mean or running_var}``.
+    """
+    stats = estimate_population_stats(model, batches, num_batches)
+    chosen = stats if layers is None else {n: s for n, s in stats.items() if n in layers}
+    return {name: apply_population_stats(model, {name: s}) for name, s in chosen.items()}

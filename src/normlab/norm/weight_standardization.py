@@ -3,10 +3,14 @@ GroupNorm (Kolesnikov et al. 2020, arXiv:1912.11370): ``norm=gn_ws``."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
 from normlab.norm.layers import is_norm_layer
+
+log = logging.getLogger("normlab")
 
 
 class WSConv2d(nn.Conv2d):
@@ -40,27 +44,27 @@ class WSConv2d(nn.Conv2d):
 def standardize_convs(model: nn.Module) -> list[str]:
     """Turn, in place, every plain ``nn.Conv2d`` of ``model`` that feeds a normalization layer into
     a ``WSConv2d`` (the same module object and parameters, so an optimizer and the state_dict keys
-    are unaffected). "Feeds": the next layer in registration order (``named_modules()``, a norm
-    layer counting as one layer with its children) is a norm layer, as conv -> norm in the
-    ConvNet, in ResNet's blocks and downsample paths, in ConvNeXt. A conv whose output is not
-    normalized keeps its plain weights (standardizing would change its output scale), and
-    subclasses of ``nn.Conv2d`` (timm's ``StdConv2d``, ``Conv2dSame``) are left as they are.
+    are unaffected). "Feeds" is the rule BatchNorm folding uses (``normlab.norm.fold``, traced
+    with torch.fx): the norm layer's input is the conv's output and nothing else reads it, as
+    conv -> norm in the ConvNet, in ResNet's blocks and downsample paths. A conv whose output is
+    not normalized keeps its plain weights (standardizing would change its output scale), and
+    subclasses of ``nn.Conv2d`` (timm's ``StdConv2d``, ``Conv2dSame``) are left as they are. A
+    model torch.fx cannot trace keeps all its convs (logged).
 
-    Returns the qualified names of the converted convolutions.
+    Returns the qualified names of the converted convolutions (also logged).
     """
-    layers: list[tuple[str, nn.Module]] = []
-    skip = ""  # the prefix of a norm layer's children (timm's BatchNormAct2d holds its act)
-    for name, m in model.named_modules():
-        if skip and name.startswith(skip):
-            continue
-        if is_norm_layer(m):
-            skip = f"{name}."
-            layers.append((name, m))
-        elif not any(True for _ in m.children()):
-            layers.append((name, m))
-    converted = []
-    for (name, m), (_, after) in zip(layers, layers[1:], strict=False):
-        if type(m) is nn.Conv2d and is_norm_layer(after):
-            m.__class__ = WSConv2d
-            converted.append(name)
+    from normlab.norm.fold import feeding_convs
+
+    modules = dict(model.named_modules())
+    norms = [name for name, m in modules.items() if is_norm_layer(m)]
+    pairs = feeding_convs(model, norms, purpose="norm=gn_ws: no conv weight-standardized")
+    converted = sorted(c for c in pairs.values() if type(modules[c]) is nn.Conv2d)
+    for name in converted:
+        modules[name].__class__ = WSConv2d
+    total = sum(isinstance(m, nn.Conv2d) for m in modules.values())
+    log.info(
+        "norm=gn_ws: %d of %d Conv2d layers weight-standardized (WSConv2d: those feeding a norm)",
+        len(converted),
+        total,
+    )
     return converted

@@ -74,7 +74,7 @@ class BatchNormHeatmap(Callback):
 
     Example::
 
-        from normlab.callbacks.bn_heatmap import BatchNormHeatmap
+        from normlab.callbacks.batch_norm_heatmap import BatchNormHeatmap
         trainer = Trainer(callbacks=[BatchNormHeatmap(every_n_epochs=1)])
         trainer.fit(model)  # TensorBoard's Images tab
     """

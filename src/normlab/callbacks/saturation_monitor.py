@@ -80,7 +80,7 @@ class SaturationMonitor(Callback):
 
     Example::
 
-        from normlab.callbacks.saturation import SaturationMonitor
+        from normlab.callbacks.saturation_monitor import SaturationMonitor
         trainer = Trainer(callbacks=[SaturationMonitor(every_n_steps=20)])
         trainer.fit(model)  # saturation/* and grad_norm/* in TensorBoard
     """

@@ -74,7 +74,7 @@ class BatchNormStats(Callback):
 
     Example::
 
-        from normlab.callbacks.bn_stats import BatchNormStats
+        from normlab.callbacks.batch_norm_stats import BatchNormStats
         trainer = Trainer(callbacks=[BatchNormStats(histograms_every_n_steps=50)])
         trainer.fit(model)  # then: tensorboard --logdir logs
     """
