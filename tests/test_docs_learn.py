@@ -35,8 +35,9 @@ def learning_settings() -> list[tuple[str, tuple[str, ...]]]:
         for combo in combos:
             kept = tuple(
                 sorted(
-                    w for w in combo if w.split("=")[0].split(".")[0] in LEARNING
-                    or w.startswith(LEARNING) and not w.startswith("norm.freeze_at_epoch")
+                    w for w in combo if w.startswith(LEARNING)
+                    # an epoch past the short run's end would be refused (and fits the long run)
+                    and not w.startswith("norm.freeze_at_epoch")
                 )
             )  # fmt: skip
             seen.setdefault(kept, where)
