@@ -34,6 +34,7 @@ TARGETS = {
     "datapath_speedup": (">=", 20.0),
 }
 BATCH = 128  # configs/data/mnist.yaml's batch size
+AUGMENT_SECTION = "## Augmentation"  # written by scripts/bench_augment.py --docs
 MNIST_STEPS = 422  # training steps of an MNIST epoch (54,000 images after the 10% val split)
 
 
@@ -322,7 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         from _bench_docs import render
 
-        args.docs.write_text(render(results, table(results)))
+        # the section scripts/bench_augment.py writes at the end of the page stays
+        old = args.docs.read_text() if args.docs.is_file() else ""
+        kept = old[old.find(AUGMENT_SECTION) :] if AUGMENT_SECTION in old else ""
+        args.docs.write_text(render(results, table(results)) + ("\n" + kept if kept else ""))
     return 0 if all(results["passed"].values()) else 1
 
 

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 GROUPS = [
     "data",
+    "augment",
     "model",
     "norm",
     "trainer",

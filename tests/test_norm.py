@@ -251,7 +251,7 @@ def test_validate_accepts_good_configs(tmp_path: Path) -> None:
     [
         ({"name": "layernorm", "num_groups": 4}, "num_groups", "norm=layernorm does not use it"),
         ({"name": "batchnorm", "init_from": "x.ckpt"}, "init_from", "a norm that does (frozen)"),
-        ({"name": "none", "eps": 1e-3}, "eps", "norm=none does not use it (it takes fold)"),
+        ({"name": "none", "eps": 1e-3}, "eps", "norm=none does not use it (it takes adapt, fold)"),
         ({"name": "groupnorm", "num_groups": 8, "epsilon": 1}, "epsilon", "(none does)"),
     ],
 )
@@ -539,7 +539,7 @@ def test_spec_derives_resume_hparams_and_fresh_settings() -> None:
     norm_may_change = {k for k in RESUME_MAY_CHANGE if k.startswith("norm.")}
     assert norm_may_change == {
         "norm.calibration_batches", "norm.init_from", "norm.precise_bn_batches",
-        "norm.distribute_bn", "norm.freeze_at_epoch",
+        "norm.distribute_bn", "norm.freeze_at_epoch", "norm.adapt",
     }  # fmt: skip
     row = hparams_row({"norm": {"name": "groupnorm", "num_groups": 4}})
     norm_columns = [k for k in row if k.startswith("norm.")]
@@ -558,7 +558,7 @@ def test_spec_checks_every_key_it_lists() -> None:
            "num_groups": 0, "precise_bn_batches": -2, "distribute_bn": "yes",
            "freeze_at_epoch": 0, "calibration_batches": 0, "init_from": 3,
            "freeze_affine": "yes", "r_max": 0.9, "d_max": -0.1, "renorm_warmup_steps": -1,
-           "virtual_batch_size": 0, "keep_affine": "yes", "fold": 1}  # fmt: skip
+           "virtual_batch_size": 0, "keep_affine": "yes", "fold": 1, "adapt": "train"}  # fmt: skip
     for key in KEYS:  # each value refused by its own check, under a norm that takes the key
         norm = key.norms[0] if key.name != "name" else "batchnorm"
         cfg = {"name": norm, key.name: bad[key.name]}

@@ -46,11 +46,14 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
+@pytest.mark.parametrize("augment", ["none", "mixup_cutmix"])
+def test_resumed_run_ends_with_the_same_weights(augment: str, tmp_path) -> None:
+    # augment=mixup_cutmix: crops, flips, erasing and MixUp/CutMix drawn per (seed, epoch, batch)
     log_dir = tmp_path / "logs"
+    args = [*RESUME, f"augment={augment}"]
     legs = {
-        "uninterrupted": RESUME,
-        "first_epoch": [*RESUME, f"++trainer.max_steps={STEPS_PER_EPOCH}"],
+        "uninterrupted": args,
+        "first_epoch": [*args, f"++trainer.max_steps={STEPS_PER_EPOCH}"],
     }
     procs = {
         name: subprocess.Popen(
@@ -85,7 +88,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path) -> None:
 
     resumed = run_script(
         "train.py",
-        *RESUME,
+        *args,
         f"ckpt_path={dirs['first_epoch'] / 'checkpoints' / 'last.ckpt'}",
         run_dir=tmp_path / "resumed",
     )

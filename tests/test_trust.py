@@ -88,6 +88,9 @@ def test_normlabs_own_builders_and_torch_optimizers_pass_from_a_checkpoint() -> 
     check_targets({"_target_": "normlab.data.NormLabDataModule"}, "data", checkpoint=CKPT)
     for net in ("normlab.models.ConvNet", "normlab.models.timm_net"):
         check_targets({"net": {"_target_": net}}, "model", checkpoint=CKPT)
+    # experiment=cifar10_resnet's warm-up + cosine schedule is normlab's own
+    for sched in ("normlab.models.WarmupCosineLR", "normlab.models.schedules.WarmupCosineLR"):
+        check_targets({"scheduler": {"_target_": sched}}, "model", checkpoint=CKPT)
     # torch.optim's module attributes that are not optimizer/scheduler classes do not pass
     for other in ("torch.optim.lr_scheduler.warnings", "torch.optim.Optimizer.step"):
         with pytest.raises(CheckpointError):

@@ -51,6 +51,19 @@ def register_resolvers() -> None:
 
         # cached: resolved once per job, before its dir exists
         OmegaConf.register_new_resolver("normlab_job_name", job_dir_name, use_cache=True)
+    if not OmegaConf.has_resolver("normlab_deep_net_lr"):
+        from normlab.models.defaults import deep_net_lr
+
+        OmegaConf.register_new_resolver("normlab_deep_net_lr", deep_net_lr)
+    if not OmegaConf.has_resolver("normlab_linear_lr"):
+        # the linear scaling rule (Goyal et al. 2017): lr = base_lr * batch_size / base_batch
+        OmegaConf.register_new_resolver("normlab_linear_lr", linear_lr)
+
+
+def linear_lr(base_lr: float, batch_size: int, base_batch: int = 256) -> float:
+    """``${normlab_linear_lr:0.1,${data.batch_size},256}``: the learning rate for ``batch_size``
+    that ``base_lr`` is for ``base_batch`` (rounded to 6 significant digits for readable logs)."""
+    return float(f"{base_lr * batch_size / base_batch:.6g}")
 
 
 # the keys that name a file the user has: a leading ~ means their home, as in a shell (quoted on
@@ -141,6 +154,7 @@ def validate_data(data: Mapping[str, Any]) -> None:
             " keep data.val_fraction + data.test_fraction below 1",
         )
     _number(data, "split_seed", "data", kind=int, low=0, high=MAX_SEED)
+    _test_shift(data)
     _image_size(data)
     _choice(data.get("scaling"), "data.scaling", SCALINGS)
     if not isinstance(data.get("download"), bool):
@@ -365,6 +379,32 @@ def validate_ckpt_path(ckpt_path: Any, key: str = "ckpt_path") -> None:
         raise ConfigError(key, ckpt_path, "no such file; give the path of a .ckpt file, or `last`")
 
 
+def _test_shift(data: Mapping[str, Any]) -> None:
+    """``data.test_shift``: null, or a mapping of brightness / contrast / noise."""
+    shift = data.get("test_shift")
+    if shift is None:
+        return
+    keys = ("brightness", "contrast", "noise")  # normlab.data.shift.shift_images's arguments
+    if not isinstance(shift, Mapping) or set(shift) - set(keys):
+        raise ConfigError(
+            "data.test_shift", shift, f"expected a mapping of {', '.join(keys)} (or null)"
+        )
+    if not data.get("in_memory", True):
+        raise ConfigError("data.test_shift", dict(shift), "needs data.in_memory=true")
+    _number(shift, "brightness", "data.test_shift", low=-1, high=1, optional=True)
+    _number(shift, "contrast", "data.test_shift", low=0, optional=True)
+    _number(shift, "noise", "data.test_shift", low=0, optional=True)
+
+
+def _norm_adapt(cfg: Mapping[str, Any]) -> None:
+    """``norm.adapt``: null, or ``test`` (re-estimate running statistics on the test data)."""
+    adapt = (cfg.get("norm") or {}).get("adapt")
+    if adapt not in (None, "test"):
+        raise ConfigError(
+            "norm.adapt", adapt, "choose test (AdaBN: statistics of the test data) or null"
+        )
+
+
 def validate_eval_config(cfg: Mapping[str, Any]) -> None:
     """Check eval.py's keys (``ckpt_path``, ``data.batch_size``, trainer); raises ConfigError."""
     ckpt_path = cfg.get("ckpt_path")
@@ -378,6 +418,8 @@ def validate_eval_config(cfg: Mapping[str, Any]) -> None:
     if data.get("batch_size") is not None:
         _number(data, "batch_size", "data", kind=int, low=1)
     validate_trainer({**cfg["trainer"], "max_epochs": 1})  # max_epochs is unused by eval
+    if data.get("test_shift") is not None:
+        _test_shift({"test_shift": data["test_shift"]})
 
 
 def _seed(seed: Any) -> None:
@@ -459,6 +501,7 @@ def validate_train_config(cfg: Mapping[str, Any]) -> None:
             " batches",
         )
     validate_ckpt_path(cfg.get("ckpt_path"))
+    _norm_adapt(cfg)
     from normlab.models.defaults import CONVNET_TARGET
     from normlab.norm.schema import validate_norm_config
 

@@ -235,6 +235,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             log.warning("no checkpoint was saved: testing the weights at the end of training")
         trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt)
     metrics = {**fit_metrics, **final_metrics(trainer)}
+    if cfg.get("test") and cfg.norm.get("adapt") == "test":  # the same model, AdaBN-adapted
+        metrics.update(_test_adapted(trainer, model, datamodule))
 
     last = run_dir / "checkpoints" / "last.ckpt"
     checkpoints = {"best": best or None, "last": str(last) if last.is_file() else None}
@@ -257,6 +259,17 @@ def _data_source(data: Mapping[str, Any]) -> str:
     if data.get("data_dir") and data.get("name") not in (None, "digits", "synthetic"):
         return f"data.data_dir={data['data_dir']}"
     return f"data.name={data.get('name', data.get('_target_'))}"
+
+
+def _test_adapted(trainer: L.Trainer, model: Any, datamodule: Any) -> dict[str, float]:
+    """``norm.adapt=test`` in training: test the tested model again after re-estimating its
+    running statistics on the test split; its metrics are ``test_adapted/*``."""
+    from normlab.norm.adapt import adapt_to_test_data
+
+    adapt_to_test_data(model, datamodule)
+    trainer.test(model, datamodule=datamodule)
+    tested = final_metrics(trainer)
+    return {k.replace("test/", "test_adapted/"): v for k, v in tested.items() if "test/" in k}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -288,6 +301,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(model_cfg, saved["norm"], datamodule, trusted, source)
     model.on_load_checkpoint(checkpoint)  # the run config, and layers frozen in training
     model.load_state_dict(checkpoint["state_dict"])
+    if (cfg.get("norm") or {}).get("adapt") == "test":  # AdaBN: the test data's statistics
+        from normlab.norm.adapt import adapt_to_test_data
+
+        adapt_to_test_data(model, datamodule)
 
     trainer = build_trainer(cfg)
     trainer.test(model, datamodule=datamodule)

@@ -237,6 +237,9 @@ class SweepSummary(Callback):
 
     Args:
         png: also draw ``summary.png`` (matplotlib; a few seconds).
+        table: an experiment's own layout of the results (``normlab.sweep_table``): ``rows``,
+            ``columns`` (config keys), ``values`` (metrics), ``log_x``, ``curves``; writes
+            ``table.csv``, ``table.md``, ``table.png`` (and ``curves.png``).
 
     Example (``configs/hydra/default.yaml``)::
 
@@ -245,10 +248,10 @@ class SweepSummary(Callback):
             _target_: normlab.sweep_summary.SweepSummary
     """
 
-    def __init__(self, png: bool = True) -> None:
+    def __init__(self, png: bool = True, table: dict[str, Any] | None = None) -> None:
         if not isinstance(png, bool):
             raise TypeError(f"SweepSummary(png={png!r}): expected true or false")
-        self.png = png
+        self.png, self.table = png, dict(table or {})
         self.failed: list[str] = []  # one line per job normlab refused, said at the sweep's end
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -285,6 +288,10 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = write_summary(sweep_dir, png=self.png)
+        if self.table:
+            from normlab.sweep_table import write_table
+
+            write_table(sweep_dir, png=self.png, **self.table)
         failed = sum(row["status"] != "ok" for row in rows)
         log.info(
             "sweep summary of %d job(s)%s: %s",

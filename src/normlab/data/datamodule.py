@@ -1,5 +1,5 @@
 """The LightningDataModule: uint8 images in memory (or streamed from an image folder), a fixed
-seeded split, scaling on the device."""
+seeded split, augmentation and scaling on the device."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from normlab.data.augment import BatchAugment, batch_seed, log_augmented_batch
 from normlab.data.scaling import FeatureScaler, resolve_scaling
+from normlab.data.shift import shift_images
 from normlab.data.sources import (
     DataSourceError,
     FolderIndex,
@@ -76,18 +78,28 @@ class StreamingImages(Dataset):
 
     Each sample is a uint8 ``(3, H, W)`` tensor resized to ``image_size``, so the default collate
     stacks uint8 batches and scaling still happens on the device, after the transfer.
+    ``transform`` (training split, ``data.augment``) is a torchvision.transforms.v2 transform run
+    in the worker; an index given as ``(index, seed)`` (EpochSeededSampler) seeds its draws.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], image_size: tuple[int, int]) -> None:
-        self.samples, self.image_size = samples, image_size
+    def __init__(
+        self, samples: list[tuple[str, int]], image_size: tuple[int, int], transform: Any = None
+    ) -> None:
+        self.samples, self.image_size, self.transform = samples, image_size, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = index if isinstance(index, tuple) else (index, None)
         path, label = self.samples[index]
         array = decode_image(path, self.image_size)
         image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.int64)
 
 
@@ -99,18 +111,25 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 class EpochSeededSampler(RandomSampler):
     """A shuffle whose order is a function of (seed, epoch) alone, so a resumed run sees the same
     batches as an uninterrupted one. Lightning calls ``set_epoch`` at every epoch start; under DDP
-    it swaps this RandomSampler for a DistributedSampler, which is seeded the same way."""
+    it swaps this RandomSampler for a DistributedSampler, which is seeded the same way.
+    ``with_seeds`` yields ``(index, seed)`` pairs, the seed a function of (seed, epoch, position),
+    for a dataset that augments each sample in a worker (StreamingImages)."""
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
+    def __init__(self, data_source: Dataset, seed: int, with_seeds: bool = False) -> None:
         super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.with_seeds = seed, 0, with_seeds
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        order = torch.randperm(len(self.data_source), generator=generator).tolist()
+        if not self.with_seeds:
+            yield from order
+            return
+        for position, index in enumerate(order):
+            yield index, batch_seed(self.seed, 0, self.epoch, position)
 
 
 class NormLabDataModule(L.LightningDataModule):
@@ -122,7 +141,12 @@ class NormLabDataModule(L.LightningDataModule):
     ``eval.py``, so a model is always evaluated with the statistics it was trained with.
     ``in_memory=False`` (``data=imagefolder`` only) decodes images in the DataLoader workers
     (``num_workers``) batch by batch; the statistics then cost one pass over the training split,
-    also decoded in the workers.
+    also decoded in the workers. ``augment`` (``data.augment``, see ``normlab.data.augment``)
+    augments training batches: crops and flips per batch on the device (in the workers when
+    streaming), then erasing and MixUp/CutMix on the scaled batch, seeded by (seed, epoch, batch).
+    ``test_shift`` (``{"brightness": 0.3, "contrast": 0.5, "noise": 0.1}``) shifts the test
+    split's pixels (``normlab.data.shift``); training, validation and scaling statistics keep the
+    original images.
 
     Example::
 
@@ -148,10 +172,15 @@ class NormLabDataModule(L.LightningDataModule):
         image_size: list[int] | None = None,
         synthetic: Mapping[str, Any] | None = None,
         in_memory: bool = True,
+        augment: Mapping[str, Any] | None = None,
+        test_shift: Mapping[str, float] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # the training batches only; val and test are never augmented
+        self.augment = BatchAugment.from_config(augment)
+        self._shown = False  # the TensorBoard image of an augmented batch is written once
         self.scaler: FeatureScaler | None = None
         self.data: ImageData | FolderIndex | None = None
         self.splits: dict[str, InMemoryImages | StreamingImages] = {}
@@ -258,6 +287,11 @@ class NormLabDataModule(L.LightningDataModule):
                 if has_test
                 else InMemoryImages(data.train_x, data.train_y, test)
             )
+            if self.hparams.test_shift:
+                test_split = self.splits["test"]
+                shifted = shift_images(test_split.images, **self.hparams.test_shift,
+                                       seed=self.hparams.split_seed)  # fmt: skip
+                self.splits["test"] = InMemoryImages(shifted, test_split.labels)
         if self.scaler is None:
             hp = self.hparams
             # the generator is consumed (one pass over the training split) only for "dataset"
@@ -270,6 +304,7 @@ class NormLabDataModule(L.LightningDataModule):
         train, val, test = self._split_indices(len(index.train), index.test is not None)
         for split, rows in (("train", train), ("val", val), ("test", test)):
             self.splits[split] = StreamingImages([index.train[i] for i in rows.tolist()], size)
+        self.splits["train"].transform = self.augment.worker_transform(size)
         if index.test is not None:
             self.splits["test"] = StreamingImages(index.test, size)
         if self.hparams.num_workers == 0:
@@ -284,7 +319,9 @@ class NormLabDataModule(L.LightningDataModule):
         if isinstance(train, InMemoryImages):
             yield from train.chunks()
             return
-        loader = DataLoader(train, batch_size=256, num_workers=self.hparams.num_workers)
+        # the statistics of the images themselves, not of augmented ones
+        plain = StreamingImages(train.samples, train.image_size)
+        loader = DataLoader(plain, batch_size=256, num_workers=self.hparams.num_workers)
         log.info("data.scaling=dataset: one pass over %d streamed training images", len(train))
         for images, _ in loader:
             yield images
@@ -297,10 +334,13 @@ class NormLabDataModule(L.LightningDataModule):
         drop_last = train and len(dataset) % batch_size == 1
         # page-locked batches let Lightning's non_blocking copy to the GPU overlap compute
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        # a streamed training split augments in the workers, each sample seeded by the sampler
+        seeds = getattr(dataset, "transform", None) is not None
+        sampler = EpochSeededSampler(dataset, self.hparams.seed, seeds) if train else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochSeededSampler(dataset, self.hparams.seed) if train else None,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.hparams.num_workers,
             collate_fn=keep_batch if in_memory else None,
@@ -319,9 +359,25 @@ class NormLabDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
+        trainer = self.trainer
+        augment = trainer is not None and trainer.training and self.augment.active
+        if augment:
+            # a function of where the batch is in the run, so resuming repeats it exactly
+            batch_idx = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            generator = self.augment.generator(
+                self.hparams.seed, trainer.current_epoch, batch_idx, trainer.global_rank
+            )
+            if isinstance(self.splits.get("train"), InMemoryImages):  # streamed: in the workers
+                images = self.augment.geometric(images, generator)
         scaled = self.scaler(images)  # float32
-        if self.trainer is not None:  # trainer.precision=64-true / 16-true: the model's dtype
-            scaled = self.trainer.precision_plugin.convert_input(scaled)
+        if augment:
+            scaled, labels = self.augment.mix(scaled, labels, self.num_classes, generator)
+            if not self._shown:
+                self._shown = True
+                log_augmented_batch(trainer, scaled)
+        if trainer is not None:  # trainer.precision=64-true / 16-true: the model's dtype
+            scaled = trainer.precision_plugin.convert_input(scaled)
+            labels = trainer.precision_plugin.convert_input(labels)  # soft targets only
         return scaled, labels
 
     # -- checkpointing: the scaling statistics travel with the model -------------------------

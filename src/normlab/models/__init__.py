@@ -16,6 +16,7 @@ _WHERE = {
     "timm_net": "adapters",
     "build_net": "adapters",
     "load_weights": "adapters",
+    "WarmupCosineLR": "schedules",
 }
 __all__ = list(_WHERE)
 

@@ -74,12 +74,26 @@ class ModelConfig:
     # false: load the tensors of model.weights that fit and re-initialise the rest (true: refuse
     # a file that leaves the model's body partly fresh or holds tensors the model does not use)
     weights_strict: Any = True
-    optimizer: Any = field(default_factory=OptimizerConfig)
-    scheduler: Any = field(default_factory=SchedulerConfig)
+    # plain dicts, not typed nodes: an experiment's YAML may swap the _target_ and add its own
+    # arguments (SGD's momentum, a warm-up's epochs), as `+model.optimizer.momentum=` does
+    optimizer: Any = field(default_factory=lambda: asdict(OptimizerConfig()))
+    scheduler: Any = field(default_factory=lambda: asdict(SchedulerConfig()))
     # channels-last (NHWC) memory for convolutions, the layout GPU tensor cores prefer
     channels_last: Any = False
     # torch.compile the net (the first steps are slower while it compiles)
     compile: Any = False
+
+
+# AdamW learning rates that train the deep nets built by name (model=torchvision|timm, 8x8 digits
+# to 32x32 CIFAR) with each norm in a few epochs; the ConvNet's 3e-3 (OptimizerConfig.lr) leaves
+# a ResNet-18 with GroupNorm at chance. Measured on digits with the commands in docs/models.md
+# ("Learning-rate defaults"); tests/test_docs_learn.py runs every documented command with them.
+DEEP_NET_LR = {"default": 1e-3, "groupnorm": 3e-4}
+
+
+def deep_net_lr(norm: str | None) -> float:
+    """``${normlab_deep_net_lr:${norm.name}}``: the default lr of model=torchvision|timm."""
+    return DEEP_NET_LR.get(norm or "default", DEEP_NET_LR["default"])
 
 
 def default(name: str) -> dict[str, Any]:

@@ -257,9 +257,10 @@ class NormLabModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
+        # labels are class indices, or soft targets (B, classes) from MixUp/CutMix/label smoothing
         loss = F.cross_entropy(logits, labels)
         # update(), not forward(): forward would also compute the batch's accuracy every step
-        self.accuracy["train_"].update(logits, labels)
+        self.accuracy["train_"].update(logits, labels if labels.ndim == 1 else labels.argmax(1))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -290,7 +291,10 @@ class NormLabModule(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         sched = {k: v for k, v in self.hparams.scheduler.items() if v is not None}
-        if sched["_target_"].endswith("CosineAnnealingLR") and "T_max" not in sched:
+        if (
+            sched["_target_"].endswith(("CosineAnnealingLR", "WarmupCosineLR"))
+            and "T_max" not in sched
+        ):
             sched["T_max"] = max(1, self.trainer.max_epochs)  # the horizon is the run's length
         scheduler = instantiate({**sched, "_partial_": True}, _convert_="all")(optimizer)
         return {

@@ -181,6 +181,18 @@ KEYS: tuple[NormKey, ...] = (
         "expected true or false, or null (carry gamma/beta when the statistics come along)",
         hparam=False,
     ),
+    # AdaBN (Li et al. 2016): re-estimate the running statistics on the test split before
+    # testing (eval.py; in training, a second test reported as test_adapted/*); a norm without
+    # running statistics has nothing to adapt
+    NormKey(
+        "adapt",
+        None,
+        NORMS,
+        lambda v: v == "test",
+        "choose test (AdaBN: statistics of the test data) or null",
+        resume_may_change=True,
+        hparam=False,
+    ),
     # norm=none: fold each BatchNorm's eval-mode transform into the conv that alone feeds it
     NormKey("fold", True, ("none",), _bool, "expected true or false", hparam=False),
     # Batch Renormalization's limits and their linear warm-up from BatchNorm (r_max 1, d_max 0)

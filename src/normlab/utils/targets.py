@@ -45,6 +45,8 @@ NORMLAB_TARGETS = frozenset(
         "normlab.models.adapters.torchvision_net",
         "normlab.models.timm_net",
         "normlab.models.adapters.timm_net",
+        "normlab.models.WarmupCosineLR",
+        "normlab.models.schedules.WarmupCosineLR",
     }
 )
 TORCH_OPTIM_MODULES = ("torch.optim", "torch.optim.lr_scheduler")
