@@ -162,7 +162,7 @@ IN_PROCESS: list[tuple[str, list[str], str, list[str]]] = [
     ("synthetic_noise_nan", ["data=synthetic", "+data.synthetic.noise_std=nan"], "",
      ["data.synthetic.noise_std=nan", "finite number"]),
     ("norm_key_not_taken", ["norm=layernorm", "+norm.num_groups=4"], "",
-     ["norm.num_groups=4", "norm=layernorm does not use it (it takes eps, affine, keep_affine)",
+     ["norm.num_groups=4", "norm=layernorm does not use it (it takes eps, affine, keep_affine, adapt)",
       "groupnorm"]),
     ("folder_three_images", ["data=imagefolder", "data.data_dir={tmp}"], "three",
      ["training split holds 1 image(s) of 3", "data.data_dir", "data.val_fraction"]),
