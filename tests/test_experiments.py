@@ -221,7 +221,10 @@ def test_a_failing_job_does_not_stop_the_sweep_or_its_summary(tmp_path: Path) ->
     assert line.startswith(
         f"normlab: error: 1 of 2 sweep jobs failed (the others ran; {sweep / 'summary.csv'}"
     )
-    assert "job 0 (norm=batchnorm " in line and f"its dir {sweep / '0'}): data.batch_size=1" in line
+    assert (
+        "job 0 (norm=batchnorm " in line
+        and f"its dir {sweep / 'norm=batchnorm'}): data.batch_size=1" in line
+    )
     rows = read_csv(sweep / "summary.csv")
     assert [(r["job"], r["norm"]) for r in rows] == [
         ("norm=batchnorm", "batchnorm"),

@@ -87,6 +87,25 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
         return [instantiate(c, _convert_="all") for c in group.values() if c and "_target_" in c]
 
 
+def _without_unused_augment(data: Mapping[str, Any], target: Any) -> Mapping[str, Any]:
+    """The augment group writes ``data.augment``; a user's DataModule that does not take it gets
+    no such argument while augmentation is off, and a refusal naming the fix when it is on."""
+    from normlab.models.adapters import takes
+
+    augment = data.get("augment")
+    if augment is None or takes(target, "augment"):
+        return data
+    on = {k: v for k, v in dict(augment).items() if k != "resized_crop_ratio" and v}
+    if on:
+        raise ConfigError(
+            "augment",
+            on,
+            f"{data['_target_']} takes no augment argument, so normlab cannot augment its batches;"
+            " augment inside your DataModule, or use augment=none",
+        )
+    return {k: v for k, v in data.items() if k != "augment"}
+
+
 def build_datamodule(
     data: Mapping[str, Any],
     seed: int,
@@ -100,7 +119,9 @@ def build_datamodule(
     from normlab.models.adapters import takes
 
     check_targets(data, "data", trusted, checkpoint)
-    extra = {"seed": seed} if takes(get_object(data["_target_"]), "seed") else {}
+    target = get_object(data["_target_"])
+    data = _without_unused_augment(data, target)
+    extra = {"seed": seed} if takes(target, "seed") else {}
     with _user_errors():
         datamodule = instantiate(data, **extra, _convert_="all")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
