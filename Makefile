@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make train ARGS='norm=none trainer.max_epochs=3'   train (sets up .venv first)"
 	@echo "make test                                        run the whole test suite"
-	@echo "make test-fast                                   in-process tests only (about a minute)"
+	@echo "make test-fast                                   in-process tests only, one worker per core"
 	@echo "make test-e2e                                    the end-to-end tier: train.py runs, DDP, sweeps"
 	@echo "make mutants MUTMUT_ARGS='\"normlab.data.*\"'          mutation testing (mutmut) of the key modules, fast tier"
 	@echo "make lint / make format                          ruff"
@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	NORMLAB_FAST_TIER=1 $(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+	NORMLAB_FAST_TIER=1 $(BIN)/python -m pytest -m "not e2e and not slow" -n auto $(PYTEST_ARGS)
 
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m "e2e or slow" $(PYTEST_ARGS)

@@ -14,6 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# `make test-fast` runs the fast tier in one pytest-xdist worker per core: one torch thread each,
+# so that the workers do not fight over the cores (set before anything imports torch)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ the benchmark relies on."""
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def test_streaming_imagefolder_matches_in_memory(tmp_path: Path, monkeypatch) ->
             x, y = stream.on_after_batch_transfer(raw, 0)
             x_mem, y_mem = memory.on_after_batch_transfer(expected, 0)
             assert x.dtype == torch.float32 and torch.equal(x, x_mem) and torch.equal(y, y_mem)
+    # the persistent workers are shut down here: collected in a later test, their shutdown timed
+    # out (5 s a worker) and charged that test 10 s
+    del loader
+    gc.collect()
 
 
 def compose(*overrides: str) -> dict:
