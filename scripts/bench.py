@@ -1,7 +1,7 @@
 """Benchmark normlab against a plain PyTorch loop and torchvision's data pipeline, in one process.
 
     python scripts/bench.py [--json PATH] [--quick] [--docs PATH] [--knobs]
-    python scripts/bench.py --process [--repeats N] [--json PATH]
+    python scripts/bench.py --process [--repeats N] [--json PATH] [--docs PATH]
 
 Prints a table and, with --json, writes the figures (template_vs_plain, bn_logging_overhead,
 datapath_speedup, peak_rss_mib, help_latency_s, details); --docs PATH writes the Markdown page
@@ -35,6 +35,7 @@ TARGETS = {
 }
 BATCH = 128  # configs/data/mnist.yaml's batch size
 AUGMENT_SECTION = "## Augmentation"  # written by scripts/bench_augment.py --docs
+PROCESS_SECTION = "## Whole process"  # written by scripts/bench.py --process --docs
 MNIST_STEPS = 422  # training steps of an MNIST epoch (54,000 images after the 10% val split)
 
 
@@ -323,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs:
         from _bench_docs import render
 
-        # the section scripts/bench_augment.py writes at the end of the page stays
+        # the sections `--process --docs` and scripts/bench_augment.py write at the end stay
         old = args.docs.read_text() if args.docs.is_file() else ""
-        kept = old[old.find(AUGMENT_SECTION) :] if AUGMENT_SECTION in old else ""
+        starts = [old.find(s) for s in (PROCESS_SECTION, AUGMENT_SECTION) if s in old]
+        kept = old[min(starts) :] if starts else ""
         args.docs.write_text(render(results, table(results)) + ("\n" + kept if kept else ""))
     return 0 if all(results["passed"].values()) else 1
 
@@ -352,6 +354,8 @@ def whole_process(args: argparse.Namespace) -> int:
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.docs:
+        _bench_process.write_section(args.docs, results)
     return 0 if all(results["passed"].values()) else 1
 
 

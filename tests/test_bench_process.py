@@ -45,3 +45,13 @@ def test_a_baseline_doing_other_work_stops_the_benchmark(tmp_path: Path, monkeyp
         RuntimeError, match=r"different numbers of steps: .*'normlab': \{20\}.*\{40\}"
     ):
         _bench_process.compare(tmp_path, repeats=1)
+
+
+def test_the_baselines_load_their_data_without_lightning() -> None:
+    # the hand-written loops would otherwise pay Lightning's import floor and flatter normlab
+    import subprocess
+
+    code = "import sys, normlab.data.sources; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

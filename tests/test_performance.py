@@ -285,3 +285,43 @@ def test_bench_measures_the_recipe_callbacks(tmp_path: Path) -> None:
     timed = runs.run_template(cfg, dm, runs.WARMUP + 3, torch.device("cpu"))
     assert timed["step_s_wall"] > 0 and timed["plain_step_s_wall"] > 0
     assert timed["hooks_step_s_cpu"] > 0 and timed["hooks_epoch_end_s_cpu"] > 0
+
+
+def test_whole_process_section_is_replaced_in_place(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import _bench_process as bp
+
+    def spread(x: float) -> dict:
+        return {"min": x, "median": x, "max": x}
+
+    job = {v: {c: spread(t) for c in ("wall", "user", "sys")} for v, t in
+           (("normlab", 11.0), ("plain", 10.5), ("lean", 10.0))}  # fmt: skip
+    job |= {
+        "commands": {v: f"python {v}.py" for v in bp.VARIANTS},
+        "steps": 422,
+        "repeats": 5,
+        "ratios_to_lean": {
+            "normlab": {"wall": 1.1, "cpu": 1.104, "sys": 1.0},
+            "plain": {"wall": 1.05, "cpu": 1.05, "sys": 1.0},
+        },
+    }
+    results = {
+        "command": "python scripts/bench.py --process --docs page.md",
+        "date": "2026-12-05T09:00:00",
+        "machine": {"cpu": "EPYC", "cpu_cores": 2, "torch_threads": 2, "load_average_end": [0.5]},
+        "import_floor_s": {"torch": 1.9, "lightning": 5.6, "floor": 3.7},
+        "whole_process": {"mnist_sized_1_epoch": job},
+        "passed": {"mnist_sized_1_epoch.wall": True, "mnist_sized_1_epoch.cpu": False},
+    }
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\n## Results\n\nin-process\n\n## Augmentation\n\naugment\n")
+    bp.write_section(page, results)
+    bp.write_section(page, results)  # a second run replaces its section, nothing else
+    text = page.read_text()
+    assert text.count(bp.SECTION) == 1 and text.count("## Augmentation") == 1
+    assert text.index("in-process") < text.index(bp.SECTION) < text.index("## Augmentation")
+    assert text.endswith("augment\n")
+    assert "mnist_sized_1_epoch.wall met, mnist_sized_1_epoch.cpu NOT met" in text
+    # three decimals: 1.104 is not rounded into a target of 1.10
+    assert "| python normlab.py |" not in text and "1.100 / 1.104 / 1.000" in text
+    assert "Lightning's floor 3.70 s" in text

@@ -27,6 +27,7 @@ from normlab.run_dir import (
     is_rank_zero_process,
     release_run_dir,
 )
+from normlab.utils.process import keep_freed_memory
 
 log = logging.getLogger("normlab")
 
@@ -205,6 +206,7 @@ def run_task(task: str, cfg: DictConfig) -> Any:
         log.info("run dir: %s", Path(cfg.paths.output_dir).resolve())
         for level, message in checkpoint_notes:
             log.log(level, message)
+        keep_freed_memory()
         from normlab import run
 
         started = True
