@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+# The sections other commands write after the in-process results, in the page's order:
+# `scripts/bench.py --process --docs` and `scripts/bench_augment.py --docs`.
+SECTIONS = ("## Whole process", "## Augmentation")
+
+
+def later_sections(page_text: str) -> str:
+    """What of the page the in-process render keeps: everything from the first of SECTIONS."""
+    starts = [page_text.find(s) for s in SECTIONS if s in page_text]
+    return page_text[min(starts) :] if starts else ""
+
+
+def put_section(page: Path, section: str) -> None:
+    """Write ``section`` (its first line one of SECTIONS) into the page: over its old text, else
+    before the next of SECTIONS present, else at the end; the rest of the page is kept."""
+    heading = section.split("\n", 1)[0]
+    old = page.read_text() if page.is_file() else ""
+    following = [old.find(s) for s in SECTIONS[SECTIONS.index(heading) + 1 :] if s in old]
+    end = min(following) if following else len(old)
+    start = old.find(heading)
+    start = start if 0 <= start <= end else end
+    head = old[:start]
+    if head and not head.endswith("\n\n"):
+        head = head.rstrip("\n") + "\n\n"
+    page.write_text(head + section + old[end:])
 
 
 def _knobs(results: dict[str, Any]) -> str:

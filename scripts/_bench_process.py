@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _bench_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_SIZED = ["data.synthetic.shape=[1,28,28]", "data.synthetic.num_samples=60000"]
 # the same job's arguments for the hand-written loops (data=synthetic: batch 128, 10% validation,
@@ -184,12 +186,11 @@ def table(jobs: dict[str, Any], floor: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-SECTION = "## Whole process"  # written by `scripts/bench.py --process --docs PAGE`
-NEXT_SECTION = "## Augmentation"  # scripts/bench_augment.py's, kept after this one
+SECTION = _bench_docs.SECTIONS[0]  # written by `scripts/bench.py --process --docs PAGE`
 
 
 def write_section(page: Path, results: dict[str, Any]) -> None:
-    """Replace (or insert before the Augmentation section) the page's Whole process section."""
+    """Write the page's Whole process section (in place, before the Augmentation section)."""
     m = results["machine"]
     passed = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in results["passed"].items())
     section = f"""{SECTION}
@@ -204,10 +205,4 @@ Targets: {passed}.
 {table(results["whole_process"], results["import_floor_s"])}
 
 """
-    old = page.read_text() if page.is_file() else ""
-    start = old.find(SECTION)
-    end = old.find(NEXT_SECTION, start if start >= 0 else 0)
-    if start < 0:
-        start = end if end >= 0 else len(old)
-    tail = old[end:] if end >= 0 else ""
-    page.write_text(old[:start] + section + tail)
+    _bench_docs.put_section(page, section)

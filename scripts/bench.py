@@ -34,8 +34,6 @@ TARGETS = {
     "datapath_speedup": (">=", 20.0),
 }
 BATCH = 128  # configs/data/mnist.yaml's batch size
-AUGMENT_SECTION = "## Augmentation"  # written by scripts/bench_augment.py --docs
-PROCESS_SECTION = "## Whole process"  # written by scripts/bench.py --process --docs
 MNIST_STEPS = 422  # training steps of an MNIST epoch (54,000 images after the 10% val split)
 
 
@@ -322,12 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     if args.docs:
-        from _bench_docs import render
+        from _bench_docs import later_sections, render
 
         # the sections `--process --docs` and scripts/bench_augment.py write at the end stay
-        old = args.docs.read_text() if args.docs.is_file() else ""
-        starts = [old.find(s) for s in (PROCESS_SECTION, AUGMENT_SECTION) if s in old]
-        kept = old[min(starts) :] if starts else ""
+        kept = later_sections(args.docs.read_text() if args.docs.is_file() else "")
         args.docs.write_text(render(results, table(results)) + ("\n" + kept if kept else ""))
     return 0 if all(results["passed"].values()) else 1
 

@@ -251,6 +251,8 @@ def write_section(page: Path, table: str, args: argparse.Namespace) -> None:
     import datetime
     import os
 
+    from _bench_docs import put_section
+
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     section = f"""## Augmentation
 
@@ -264,9 +266,7 @@ device. torchvision's column is the per-sample cost a Dataset pays in its worker
 
 {table}
 """
-    old = page.read_text() if page.is_file() else ""
-    start = old.find("## Augmentation")
-    page.write_text((old[:start] if start >= 0 else old + "\n") + section)
+    put_section(page, section)
 
 
 if __name__ == "__main__":

@@ -325,3 +325,23 @@ def test_whole_process_section_is_replaced_in_place(tmp_path: Path) -> None:
     # three decimals: 1.104 is not rounded into a target of 1.10
     assert "| python normlab.py |" not in text and "1.100 / 1.104 / 1.000" in text
     assert "Lightning's floor 3.70 s" in text
+
+
+def test_the_three_benchmark_commands_share_one_page_in_order(tmp_path: Path) -> None:
+    # bench.py renders the page's top, then `bench.py --process` and bench_augment.py each write
+    # their own section: whichever order they run in, each keeps the others' text
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import _bench_docs as docs
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nin-process\n")
+    docs.put_section(page, "## Augmentation\n\naugment 1\n")
+    docs.put_section(page, "## Whole process\n\nprocess 1\n\n")
+    docs.put_section(page, "## Augmentation\n\naugment 2\n")
+    docs.put_section(page, "## Whole process\n\nprocess 2\n\n")
+    assert page.read_text() == (
+        "# Benchmarks\n\nin-process\n\n"
+        "## Whole process\n\nprocess 2\n\n## Augmentation\n\naugment 2\n"
+    )
+    assert docs.later_sections(page.read_text()).startswith("## Whole process\n\nprocess 2")
+    assert docs.later_sections("# Benchmarks\n\nin-process\n") == ""

@@ -31,7 +31,7 @@ def test_glibc_gets_the_allocator_settings(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"), ("MALLOC_ARENA_MAX_", "1")]
+    "env", [("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"), ("MALLOC_TRIM_THRESHOLD_", "0")]
 )
 def test_a_users_allocator_settings_are_kept(monkeypatch, env) -> None:
     called = []
